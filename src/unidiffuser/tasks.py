@@ -1,0 +1,358 @@
+"""Tasks as timestep settings, and classifier-free guidance as a wrapper of the model function.
+
+A task gives every timestep group one role:
+
+| role     | timestep        | input                          |
+|----------|-----------------|--------------------------------|
+| generate | runs 1 -> 0     | the solver's state             |
+| given    | 0               | the clean condition            |
+| absent   | 1 (network T)   | fresh Gaussian noise each call |
+
+t2i, i2t, joint, i and t are presets of this one mechanism for the image-text layout; i2t2i and
+t2i2t chain two tasks, passing the generated latents straight on. Any number of groups works the
+same way.
+
+Guidance (no extra training): eps = (1 + s) eps_cond - s eps_uncond. With given groups, the
+unconditional pass makes them absent ("uncond") or feeds a supplied empty-condition value at t = 0
+("empty"). Without given groups and with several generated ones (joint), each generated group's
+unconditional term is its prediction with the other generated groups absent. All passes of one
+solver step go through the network as one batched call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from math import prod
+
+import torch
+from torch import Tensor
+
+from .network import Modality, UViT
+from .schedule import NoiseSchedule
+from .solvers import Callback, sample
+
+ROLES = ("generate", "given", "absent")
+GUIDANCE_MODES = ("uncond", "empty")
+
+
+@dataclass(frozen=True)
+class Task:
+    """The role of every timestep group, as sorted (group, role) pairs."""
+
+    name: str
+    roles: tuple[tuple[str, str], ...]
+
+    def __post_init__(self) -> None:
+        for group, role in self.roles:
+            if role not in ROLES:
+                raise ValueError(f"task {self.name!r}: group {group!r} has role {role!r}, expected one of {ROLES}")
+        if not self.generated:
+            raise ValueError(f"task {self.name!r}: no group is generated")
+
+    @classmethod
+    def of(cls, name: str, **roles: str) -> Task:
+        return cls(name, tuple(sorted(roles.items())))
+
+    def role(self, group: str) -> str:
+        return dict(self.roles)[group]
+
+    def groups_with(self, role: str) -> tuple[str, ...]:
+        return tuple(g for g, r in self.roles if r == role)
+
+    @property
+    def generated(self) -> tuple[str, ...]:
+        return self.groups_with("generate")
+
+    @property
+    def given(self) -> tuple[str, ...]:
+        return self.groups_with("given")
+
+
+# The image-text presets (groups "image" and "text"); chains pass latents from one task to the next.
+TASKS: dict[str, Task] = {
+    "t2i": Task.of("t2i", image="generate", text="given"),
+    "i2t": Task.of("i2t", image="given", text="generate"),
+    "joint": Task.of("joint", image="generate", text="generate"),
+    "i": Task.of("i", image="generate", text="absent"),
+    "t": Task.of("t", image="absent", text="generate"),
+}
+CHAINS: dict[str, tuple[str, ...]] = {"i2t2i": ("i2t", "t2i"), "t2i2t": ("t2i", "i2t")}
+MODES = (*TASKS, *CHAINS)
+
+
+class StateLayout:
+    """Flattens a dict of per-modality tensors into one (B, N) solver state, and back."""
+
+    def __init__(self, modalities: Sequence[Modality], shapes: Mapping[str, tuple[int, ...]]):
+        self.names = [m.name for m in modalities]
+        self.shapes = {n: tuple(shapes[n]) for n in self.names}
+        self.sizes = [prod(self.shapes[n]) for n in self.names]
+
+    @property
+    def numel(self) -> int:
+        return sum(self.sizes)
+
+    def pack(self, values: Mapping[str, Tensor]) -> Tensor:
+        return torch.cat([values[n].reshape(values[n].shape[0], -1) for n in self.names], dim=1)  # (B, N)
+
+    def unpack(self, x: Tensor) -> dict[str, Tensor]:
+        parts = torch.split(x, self.sizes, dim=1)
+        return {n: p.reshape(x.shape[0], *self.shapes[n]) for n, p in zip(self.names, parts, strict=True)}
+
+
+def _noise(shape: Sequence[int], generator: torch.Generator | None, device, dtype) -> Tensor:
+    """Gaussian noise drawn on the generator's device (the CPU by default), then moved."""
+    gen_device = generator.device if generator is not None else "cpu"
+    return torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=torch.float32).to(device, dtype)
+
+
+def _shape(m: Modality, sizes: Mapping[str, tuple[int, int]] | None) -> tuple[int, ...]:
+    if m.kind == "image" and sizes and m.name in sizes:
+        h, w = sizes[m.name]
+        if h % m.patch_size or w % m.patch_size or h < 1 or w < 1:
+            raise ValueError(f"sizes[{m.name!r}]={sizes[m.name]}: expected positive multiples of {m.patch_size}")
+        return (m.shape[0], h, w)
+    return m.shape
+
+
+def _batch_values(name: str, value: Tensor | float | int, batch: int, shape: tuple[int, ...], device) -> Tensor:
+    """A given value, broadcast to (batch, *shape) on the device."""
+    v = torch.as_tensor(value, device=device)
+    if tuple(v.shape) == shape:
+        v = v.expand(batch, *shape)
+    if tuple(v.shape) != (batch, *shape):
+        raise ValueError(f"{name}: expected shape {(batch, *shape)} or {shape}, got {tuple(v.shape)}")
+    return v
+
+
+class TaskModel:
+    """The model function eps(x, t) of one task, with guidance, for the solvers.
+
+    Args:
+        network: the U-ViT.
+        schedule: the noise schedule (gives the network's timestep).
+        task: the role of every timestep group.
+        given: clean values of every modality of the given groups, (B, ...) each (or one unbatched
+            value for all rows).
+        batch_size: rows to generate; taken from ``given`` when it holds batched values.
+        labels: values of the label modalities (an int or a (B,) tensor), e.g. {"data_type": 1}.
+        guidance_scale: s in eps = (1 + s) eps_cond - s eps_uncond; 0 turns guidance off.
+        guidance: "uncond" (given groups absent) or "empty" (given groups set to ``empty`` at t=0).
+        empty: the empty-condition value of every given modality, for guidance="empty".
+        sizes: image sizes (H, W) of generated or absent images other than the trained one.
+        generator: the source of all noise (drawn on its device, the CPU by default).
+    """
+
+    def __init__(
+        self,
+        network: UViT,
+        schedule: NoiseSchedule,
+        task: Task,
+        *,
+        given: Mapping[str, Tensor] | None = None,
+        batch_size: int | None = None,
+        labels: Mapping[str, Tensor | int] | None = None,
+        guidance_scale: float = 0.0,
+        guidance: str = "uncond",
+        empty: Mapping[str, Tensor] | None = None,
+        sizes: Mapping[str, tuple[int, int]] | None = None,
+        generator: torch.Generator | None = None,
+    ):
+        cfg = network.config
+        given = dict(given or {})
+        self.network, self.schedule, self.task, self.generator = network, schedule, task, generator
+        if {g for g, _ in task.roles} != set(cfg.groups):
+            raise ValueError(
+                f"task {task.name!r} sets groups {sorted(g for g, _ in task.roles)}, but the model's "
+                f"groups are {sorted(cfg.groups)}"
+            )
+        if guidance not in GUIDANCE_MODES:
+            raise ValueError(f"guidance={guidance!r}: expected one of {GUIDANCE_MODES}")
+        if not isinstance(guidance_scale, (int, float)) or guidance_scale != guidance_scale:
+            raise ValueError(f"guidance_scale={guidance_scale!r}: expected a finite number")
+        self.scale, self.mode = float(guidance_scale), guidance
+        self.device, self.dtype = network.device, torch.float32
+
+        need = {m.name for g in task.given for m in cfg.members(g)}
+        if set(given) != need:
+            raise ValueError(f"given: task {task.name!r} needs values for {sorted(need)}, got {sorted(given)}")
+        if batch_size is None:
+            batched = [v for n, v in given.items() if torch.as_tensor(v).ndim == len(_shape(cfg.modality(n), None)) + 1]
+            batch_size = batched[0].shape[0] if batched else None
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r}: expected an integer >= 1 (or batched given values)")
+        self.batch = batch_size
+
+        self.shapes = {m.name: _shape(m, sizes) for m in cfg.diffused}
+        for n, v in given.items():
+            v = torch.as_tensor(v)
+            m = cfg.modality(n)
+            if m.kind == "image" and v.ndim >= 3:  # a given image may come at any size
+                self.shapes[n] = tuple(v.shape[-3:])
+        self.given = {
+            n: _batch_values(f"given[{n!r}]", v, self.batch, self.shapes[n], self.device).to(self.dtype)
+            for n, v in given.items()
+        }
+        for n, v in self.given.items():
+            if not torch.isfinite(v).all():
+                raise ValueError(f"given[{n!r}]: contains NaN or infinite values")
+        self.empty = {}
+        if self.scale and guidance == "empty" and task.given:
+            if set(empty or {}) != need:
+                raise ValueError(f"empty: guidance='empty' needs values for {sorted(need)}, got {sorted(empty or {})}")
+            self.empty = {
+                n: _batch_values(f"empty[{n!r}]", v, self.batch, self.shapes[n], self.device).to(self.dtype)
+                for n, v in empty.items()
+            }
+        label_mods = cfg.labels
+        labels = dict(labels or {})
+        if set(labels) != {m.name for m in label_mods}:
+            raise ValueError(f"labels: this model needs {sorted(m.name for m in label_mods)}, got {sorted(labels)}")
+        self.labels = {
+            m.name: _batch_values(f"labels[{m.name!r}]", labels[m.name], self.batch, (), self.device).long()
+            for m in label_mods
+        }
+        self.generated = [m for g in task.generated for m in cfg.members(g)]
+        self.layout = StateLayout(self.generated, self.shapes)
+
+    # -- the passes of one step -----------------------------------------------------------------
+
+    def _passes(self) -> list[dict[str, str]]:
+        """Group roles of each network pass: first the conditional one, then the unconditional."""
+        cond = {g: r for g, r in self.task.roles}
+        if not self.scale:
+            return [cond]
+        if self.task.given:
+            swap = "empty" if self.mode == "empty" else "absent"
+            return [cond, {g: (swap if r == "given" else r) for g, r in cond.items()}]
+        gen = self.task.generated
+        if len(gen) == 1:
+            return [cond]  # nothing to guide on: plain unconditional sampling
+        return [cond] + [{g: ("absent" if g in gen and g != keep else r) for g, r in cond.items()} for keep in gen]
+
+    def __call__(self, x: Tensor, t: float) -> Tensor:
+        cfg = self.network.config
+        b = self.batch
+        current = self.layout.unpack(x.to(self.device, self.dtype))
+        passes = self._passes()
+        time_of = {"generate": t, "given": 0.0, "empty": 0.0, "absent": 1.0}
+        inputs: dict[str, list[Tensor]] = {m.name: [] for m in cfg.modalities}
+        times: dict[str, list[Tensor]] = {g: [] for g in cfg.groups}
+        for roles in passes:
+            for g in cfg.groups:
+                role = roles[g]
+                times[g].append(torch.full((b,), time_of[role], dtype=torch.float32, device=self.device))
+                for m in cfg.members(g):
+                    if role == "generate":
+                        v = current[m.name]
+                    elif role == "given":
+                        v = self.given[m.name]
+                    elif role == "empty":
+                        v = self.empty[m.name]
+                    else:  # absent: fresh noise at every call
+                        v = _noise((b, *self.shapes[m.name]), self.generator, self.device, self.dtype)
+                    inputs[m.name].append(v)
+            for m in cfg.labels:
+                inputs[m.name].append(self.labels[m.name])
+        out = self.network(
+            {n: torch.cat(v) for n, v in inputs.items()},
+            {g: self.schedule.network_time(torch.cat(v)) for g, v in times.items()},  # 0..1 -> 0..T
+        )
+        eps = {}
+        for m in self.generated:
+            chunks = out[m.name].float().split(b)
+            cond = chunks[0]
+            if len(passes) == 1:
+                eps[m.name] = cond
+                continue
+            # the unconditional term of this modality: the pass that keeps its group generated
+            uncond = next(
+                chunks[i] for i, roles in enumerate(passes[1:], 1) if roles[m.group] == "generate"
+            )
+            eps[m.name] = (1 + self.scale) * cond - self.scale * uncond
+        return self.layout.pack(eps).to(x.dtype)
+
+    def initial_noise(self) -> Tensor:
+        return _noise((self.batch, self.layout.numel), self.generator, self.device, self.dtype)
+
+
+def generate(
+    network: UViT,
+    schedule: NoiseSchedule,
+    task: Task | str,
+    *,
+    given: Mapping[str, Tensor] | None = None,
+    batch_size: int | None = None,
+    labels: Mapping[str, Tensor | int] | None = None,
+    steps: int = 50,
+    solver: str = "dpm++2m",
+    grid: str = "time",
+    guidance_scale: float = 0.0,
+    guidance: str = "uncond",
+    empty: Mapping[str, Tensor] | None = None,
+    sizes: Mapping[str, tuple[int, int]] | None = None,
+    generator: torch.Generator | None = None,
+    x_T: Tensor | None = None,
+    callback: Callback | None = None,
+) -> dict[str, Tensor]:
+    """Sample the generated groups of one task; returns a tensor per generated modality.
+
+    See ``TaskModel`` for the arguments that define the task and guidance, and
+    ``solvers.sample`` for steps, solver and grid. ``x_T`` replaces the initial noise, as the
+    flat (B, N) state of the generated modalities in model order.
+    """
+    if isinstance(task, str):
+        if task not in TASKS:
+            raise ValueError(f"task={task!r}: expected a Task or one of {sorted(TASKS)} (chains: generate_chain)")
+        task = TASKS[task]
+    fn = TaskModel(
+        network, schedule, task, given=given, batch_size=batch_size, labels=labels,
+        guidance_scale=guidance_scale, guidance=guidance, empty=empty, sizes=sizes, generator=generator,
+    )  # fmt: skip
+    if x_T is None:
+        x_T = fn.initial_noise()
+    elif tuple(x_T.shape) != (fn.batch, fn.layout.numel):
+        raise ValueError(f"x_T: expected shape {(fn.batch, fn.layout.numel)}, got {tuple(x_T.shape)}")
+    with torch.no_grad():
+        x = sample(fn, x_T.to(fn.device, torch.float32), schedule, steps=steps, solver=solver, grid=grid, callback=callback)
+    return fn.layout.unpack(x)
+
+
+def generate_chain(
+    network: UViT,
+    schedule: NoiseSchedule,
+    tasks: Sequence[Task | str] | str,
+    *,
+    given: Mapping[str, Tensor] | None = None,
+    empty: Mapping[str, Tensor] | None = None,
+    on_stage: Callable[[int, dict[str, Tensor]], None] | None = None,
+    **kwargs,
+) -> dict[str, Tensor]:
+    """Run tasks one after another, each stage's generated latents given to the next.
+
+    ``tasks`` is a list of tasks or a chain name ("i2t2i", "t2i2t"). Returns the latest value of
+    every modality produced along the way. Other keyword arguments go to ``generate``.
+    """
+    if isinstance(tasks, str):
+        if tasks not in CHAINS:
+            raise ValueError(f"tasks={tasks!r}: expected a list of tasks or one of {sorted(CHAINS)}")
+        tasks = CHAINS[tasks]
+    tasks = [TASKS[t] if isinstance(t, str) else t for t in tasks]
+    if not tasks:
+        raise ValueError("tasks: expected at least one task")
+    cfg = network.config
+    known = dict(given or {})
+    produced: dict[str, Tensor] = {}
+    for i, task in enumerate(tasks):
+        need = [m.name for g in task.given for m in cfg.members(g)]
+        missing = [n for n in need if n not in known]
+        if missing:
+            raise ValueError(f"chain stage {i} ({task.name}) needs {missing}, which no earlier stage produced")
+        stage_empty = {n: empty[n] for n in need} if empty else None
+        out = generate(network, schedule, task, given={n: known[n] for n in need}, empty=stage_empty, **kwargs)
+        known.update(out)
+        produced.update(out)
+        if on_stage is not None:
+            on_stage(i, out)
+    return produced
