@@ -74,8 +74,7 @@ class Modality:
             _, h, w = self.shape
             if h % self.patch_size or w % self.patch_size:
                 raise ValueError(
-                    f"image {self.name!r}: size {h}x{w} is not divisible by "
-                    f"patch_size={self.patch_size}"
+                    f"image {self.name!r}: size {h}x{w} is not divisible by patch_size={self.patch_size}"
                 )
 
     @property
@@ -433,7 +432,7 @@ class UViT(nn.Module):
                     raise ValueError(f"inputs[{m.name!r}]: contains NaN or infinite values")
             for g in cfg.groups:
                 t = timesteps[g]
-                if not torch.isfinite(t).all() or t.numel() and (t.min() < 0 or t.max() > MAX_TIME):
+                if not torch.isfinite(t).all() or (t.numel() and (t.min() < 0 or t.max() > MAX_TIME)):
                     raise ValueError(
                         f"timesteps[{g!r}]: values must lie in [0, {MAX_TIME:g}] (the network's "
                         f"scale), got {t.tolist() if t.numel() <= 8 else 'values outside it'}"
@@ -478,8 +477,7 @@ class UViT(nn.Module):
 
         n_lead = len(cfg.groups)
         labels = [
-            self.embed[m.name](inputs[m.name].long())[:, None] + self.label_pos[m.name]
-            for m in cfg.labels
+            self.embed[m.name](inputs[m.name].long())[:, None] + self.label_pos[m.name] for m in cfg.labels
         ]  # each (B, 1, D)
         if labels:
             x = torch.cat([x[:, :n_lead], *labels, x[:, n_lead:]], dim=1)  # (B, N + labels, D)
@@ -546,16 +544,40 @@ PRESETS: dict[str, UViTConfig] = {
         latent=(4, 8, 8), clip_dim=16, text=(8, 8), width=64, depth=4, num_heads=4, data_type=True
     ),
     "small": image_text_config(
-        latent=(4, 16, 16), clip_dim=64, text=(16, 16), width=256, depth=8, num_heads=4, data_type=True
+        latent=(4, 16, 16),
+        clip_dim=64,
+        text=(16, 16),
+        width=256,
+        depth=8,
+        num_heads=4,
+        data_type=True,
     ),
     "base": image_text_config(
-        latent=(4, 32, 32), clip_dim=512, text=(77, 64), width=768, depth=12, num_heads=12, data_type=True
+        latent=(4, 32, 32),
+        clip_dim=512,
+        text=(77, 64),
+        width=768,
+        depth=12,
+        num_heads=12,
+        data_type=True,
     ),
     "unidiffuser-v0": image_text_config(
-        latent=(4, 64, 64), clip_dim=512, text=(77, 64), width=1536, depth=30, num_heads=24, data_type=False
+        latent=(4, 64, 64),
+        clip_dim=512,
+        text=(77, 64),
+        width=1536,
+        depth=30,
+        num_heads=24,
+        data_type=False,
     ),
     "unidiffuser-v1": image_text_config(
-        latent=(4, 64, 64), clip_dim=512, text=(77, 64), width=1536, depth=30, num_heads=24, data_type=True
+        latent=(4, 64, 64),
+        clip_dim=512,
+        text=(77, 64),
+        width=1536,
+        depth=30,
+        num_heads=24,
+        data_type=True,
     ),
 }
 

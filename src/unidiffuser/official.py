@@ -59,11 +59,14 @@ def load_official_state_dict(model: UViT, state_dict: Mapping[str, Tensor]) -> N
             "state dict does not match the released UniDiffuser layout for this config: "
             f"missing {missing[:10]}{' ...' if len(missing) > 10 else ''}, "
             f"unexpected {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''} "
-            "(in released names: " + ", ".join(_rename(k, {v: k2 for k2, v in KEY_MAP.items()})
-                                               for k in missing[:3]) + ")"
+            "(in released names: "
+            + ", ".join(_rename(k, {v: k2 for k2, v in KEY_MAP.items()}) for k in missing[:3])
+            + ")"
         )
     wrong = [
-        f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in renamed.items() if v.shape != own[k].shape
+        f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}"
+        for k, v in renamed.items()
+        if v.shape != own[k].shape
     ]
     if wrong:
         raise ValueError(f"shape mismatch between released weights and this config: {wrong[:5]}")
@@ -90,7 +93,11 @@ def config_from_official(cfg: Mapping) -> UViTConfig:
 
 def official_forward(model: UViT, img, clip_img, text, t_img, t_text, data_type=None):
     """Call our network with the released forward's positional arguments (for parity checks)."""
-    inputs = {"img": img, "clip_img": clip_img[:, 0] if clip_img.ndim == 3 else clip_img, "text": text}
+    inputs = {
+        "img": img,
+        "clip_img": clip_img[:, 0] if clip_img.ndim == 3 else clip_img,
+        "text": text,
+    }
     if data_type is not None:
         inputs["data_type"] = data_type
     out = model(inputs, {"image": t_img.float(), "text": t_text.float()})

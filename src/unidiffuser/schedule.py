@@ -29,13 +29,17 @@ class NoiseSchedule:
     def __init__(self, betas: Tensor | None = None):
         betas = scaled_linear_betas() if betas is None else betas.to(torch.float64)
         if betas.ndim != 1 or len(betas) < 2 or not ((betas > 0) & (betas < 1)).all():
-            raise ValueError(f"betas: expected a 1-D tensor of values in (0, 1), got shape {tuple(betas.shape)}")
+            raise ValueError(
+                f"betas: expected a 1-D tensor of values in (0, 1), got shape {tuple(betas.shape)}"
+            )
         self.betas = betas
         self.num_steps = len(betas)
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)  # alphabar_n, n = 1..N
         # knots t_0 = 0 .. t_N = 1 (float64)
         self.knot_t = torch.arange(self.num_steps + 1, dtype=torch.float64) / self.num_steps
-        self.knot_log_alpha = torch.cat([torch.zeros(1, dtype=torch.float64), 0.5 * torch.log(self.alphas_cumprod)])
+        self.knot_log_alpha = torch.cat(
+            [torch.zeros(1, dtype=torch.float64), 0.5 * torch.log(self.alphas_cumprod)]
+        )
 
     # -- the one time conversion ----------------------------------------------------------------
 

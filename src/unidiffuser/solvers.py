@@ -42,7 +42,12 @@ def logsnr_grid(schedule: NoiseSchedule, steps: int, t_start: float = 1.0, t_end
     _check_grid_args(steps, t_start, t_end)
     if t_end == 0.0:
         raise ValueError("t_end=0 has infinite log-SNR: use t_end > 0 for a log-SNR grid")
-    lam = torch.linspace(float(schedule.lambda_(t_start)), float(schedule.lambda_(t_end)), steps + 1, dtype=torch.float64)
+    lam = torch.linspace(
+        float(schedule.lambda_(t_start)),
+        float(schedule.lambda_(t_end)),
+        steps + 1,
+        dtype=torch.float64,
+    )
     ts = schedule.inverse_lambda(lam)
     ts[0], ts[-1] = t_start, t_end  # exact end points
     return ts
@@ -70,9 +75,13 @@ class _Marginals:
     def __init__(self, schedule: NoiseSchedule, ts: Tensor):
         ts = torch.as_tensor(ts, dtype=torch.float64)
         if ts.ndim != 1 or len(ts) < 2:
-            raise ValueError(f"timesteps: expected a 1-D grid of at least 2 times, got shape {tuple(ts.shape)}")
+            raise ValueError(
+                f"timesteps: expected a 1-D grid of at least 2 times, got shape {tuple(ts.shape)}"
+            )
         if not torch.isfinite(ts).all() or not (ts[:-1] > ts[1:]).all() or ts[0] > 1 or ts[-1] < 0:
-            raise ValueError(f"timesteps: expected strictly decreasing times in [0, 1], got {ts.tolist()[:6]}...")
+            raise ValueError(
+                f"timesteps: expected strictly decreasing times in [0, 1], got {ts.tolist()[:6]}..."
+            )
         self.t = ts.tolist()
         self.alpha = schedule.alpha(ts).tolist()
         self.sigma = schedule.sigma(ts).clamp_min(0).tolist()
@@ -95,7 +104,12 @@ def _first_order(x: Tensor, x0: Tensor, m: _Marginals, s: int, t: int) -> Tensor
 
 
 def sample_ddim(
-    model_fn: ModelFn, x: Tensor, timesteps: Tensor, schedule: NoiseSchedule, *, callback: Callback | None = None
+    model_fn: ModelFn,
+    x: Tensor,
+    timesteps: Tensor,
+    schedule: NoiseSchedule,
+    *,
+    callback: Callback | None = None,
 ) -> Tensor:
     """Deterministic DDIM (Song et al. 2021), i.e. first-order DPM-Solver++ (Lu et al. 2022)."""
     m = _Marginals(schedule, timesteps)
@@ -107,7 +121,12 @@ def sample_ddim(
 
 
 def sample_dpmpp_2m(
-    model_fn: ModelFn, x: Tensor, timesteps: Tensor, schedule: NoiseSchedule, *, callback: Callback | None = None
+    model_fn: ModelFn,
+    x: Tensor,
+    timesteps: Tensor,
+    schedule: NoiseSchedule,
+    *,
+    callback: Callback | None = None,
 ) -> Tensor:
     """DPM-Solver++(2M), multistep second order (Lu et al. 2022, arXiv 2211.01095)."""
     m = _Marginals(schedule, timesteps)
@@ -180,7 +199,11 @@ def sample_dpmpp_singlestep(
                 )
                 x0_s2 = _data_prediction(model_fn, x_s2, m, s2)
                 phi2 = phi1 / h + 1
-                x = (m.sigma[t] / m.sigma[s]) * x - m.alpha[t] * phi1 * x0_s + (1 / r2) * m.alpha[t] * phi2 * (x0_s2 - x0_s)
+                x = (
+                    (m.sigma[t] / m.sigma[s]) * x
+                    - m.alpha[t] * phi1 * x0_s
+                    + (1 / r2) * m.alpha[t] * phi2 * (x0_s2 - x0_s)
+                )
         s = t
         if callback is not None:
             callback(step, m.t[t], x)

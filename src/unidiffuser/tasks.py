@@ -46,7 +46,9 @@ class Task:
     def __post_init__(self) -> None:
         for group, role in self.roles:
             if role not in ROLES:
-                raise ValueError(f"task {self.name!r}: group {group!r} has role {role!r}, expected one of {ROLES}")
+                raise ValueError(
+                    f"task {self.name!r}: group {group!r} has role {role!r}, expected one of {ROLES}"
+                )
         if not self.generated:
             raise ValueError(f"task {self.name!r}: no group is generated")
 
@@ -104,19 +106,25 @@ class StateLayout:
 def _noise(shape: Sequence[int], generator: torch.Generator | None, device, dtype) -> Tensor:
     """Gaussian noise drawn on the generator's device (the CPU by default), then moved."""
     gen_device = generator.device if generator is not None else "cpu"
-    return torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=torch.float32).to(device, dtype)
+    return torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=torch.float32).to(
+        device, dtype
+    )
 
 
 def _shape(m: Modality, sizes: Mapping[str, tuple[int, int]] | None) -> tuple[int, ...]:
     if m.kind == "image" and sizes and m.name in sizes:
         h, w = sizes[m.name]
         if h % m.patch_size or w % m.patch_size or h < 1 or w < 1:
-            raise ValueError(f"sizes[{m.name!r}]={sizes[m.name]}: expected positive multiples of {m.patch_size}")
+            raise ValueError(
+                f"sizes[{m.name!r}]={sizes[m.name]}: expected positive multiples of {m.patch_size}"
+            )
         return (m.shape[0], h, w)
     return m.shape
 
 
-def _batch_values(name: str, value: Tensor | float | int, batch: int, shape: tuple[int, ...], device) -> Tensor:
+def _batch_values(
+    name: str, value: Tensor | float | int, batch: int, shape: tuple[int, ...], device
+) -> Tensor:
     """A given value, broadcast to (batch, *shape) on the device."""
     v = torch.as_tensor(value, device=device)
     if tuple(v.shape) == shape:
@@ -176,9 +184,15 @@ class TaskModel:
 
         need = {m.name for g in task.given for m in cfg.members(g)}
         if set(given) != need:
-            raise ValueError(f"given: task {task.name!r} needs values for {sorted(need)}, got {sorted(given)}")
+            raise ValueError(
+                f"given: task {task.name!r} needs values for {sorted(need)}, got {sorted(given)}"
+            )
         if batch_size is None:
-            batched = [v for n, v in given.items() if torch.as_tensor(v).ndim == len(_shape(cfg.modality(n), None)) + 1]
+            batched = [
+                v
+                for n, v in given.items()
+                if torch.as_tensor(v).ndim == len(_shape(cfg.modality(n), None)) + 1
+            ]
             batch_size = batched[0].shape[0] if batched else None
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r}: expected an integer >= 1 (or batched given values)")
@@ -200,7 +214,9 @@ class TaskModel:
         self.empty = {}
         if self.scale and guidance == "empty" and task.given:
             if set(empty or {}) != need:
-                raise ValueError(f"empty: guidance='empty' needs values for {sorted(need)}, got {sorted(empty or {})}")
+                raise ValueError(
+                    f"empty: guidance='empty' needs values for {sorted(need)}, got {sorted(empty or {})}"
+                )
             self.empty = {
                 n: _batch_values(f"empty[{n!r}]", v, self.batch, self.shapes[n], self.device).to(self.dtype)
                 for n, v in empty.items()
@@ -208,7 +224,9 @@ class TaskModel:
         label_mods = cfg.labels
         labels = dict(labels or {})
         if set(labels) != {m.name for m in label_mods}:
-            raise ValueError(f"labels: this model needs {sorted(m.name for m in label_mods)}, got {sorted(labels)}")
+            raise ValueError(
+                f"labels: this model needs {sorted(m.name for m in label_mods)}, got {sorted(labels)}"
+            )
         self.labels = {
             m.name: _batch_values(f"labels[{m.name!r}]", labels[m.name], self.batch, (), self.device).long()
             for m in label_mods
@@ -229,7 +247,9 @@ class TaskModel:
         gen = self.task.generated
         if len(gen) == 1:
             return [cond]  # nothing to guide on: plain unconditional sampling
-        return [cond] + [{g: ("absent" if g in gen and g != keep else r) for g, r in cond.items()} for keep in gen]
+        return [cond] + [
+            {g: ("absent" if g in gen and g != keep else r) for g, r in cond.items()} for keep in gen
+        ]
 
     def __call__(self, x: Tensor, t: float) -> Tensor:
         cfg = self.network.config
@@ -267,9 +287,7 @@ class TaskModel:
                 eps[m.name] = cond
                 continue
             # the unconditional term of this modality: the pass that keeps its group generated
-            uncond = next(
-                chunks[i] for i, roles in enumerate(passes[1:], 1) if roles[m.group] == "generate"
-            )
+            uncond = next(chunks[i] for i, roles in enumerate(passes[1:], 1) if roles[m.group] == "generate")
             eps[m.name] = (1 + self.scale) * cond - self.scale * uncond
         return self.layout.pack(eps).to(x.dtype)
 
@@ -304,7 +322,9 @@ def generate(
     """
     if isinstance(task, str):
         if task not in TASKS:
-            raise ValueError(f"task={task!r}: expected a Task or one of {sorted(TASKS)} (chains: generate_chain)")
+            raise ValueError(
+                f"task={task!r}: expected a Task or one of {sorted(TASKS)} (chains: generate_chain)"
+            )
         task = TASKS[task]
     fn = TaskModel(
         network, schedule, task, given=given, batch_size=batch_size, labels=labels,
@@ -315,7 +335,15 @@ def generate(
     elif tuple(x_T.shape) != (fn.batch, fn.layout.numel):
         raise ValueError(f"x_T: expected shape {(fn.batch, fn.layout.numel)}, got {tuple(x_T.shape)}")
     with torch.no_grad():
-        x = sample(fn, x_T.to(fn.device, torch.float32), schedule, steps=steps, solver=solver, grid=grid, callback=callback)
+        x = sample(
+            fn,
+            x_T.to(fn.device, torch.float32),
+            schedule,
+            steps=steps,
+            solver=solver,
+            grid=grid,
+            callback=callback,
+        )
     return fn.layout.unpack(x)
 
 
@@ -348,9 +376,13 @@ def generate_chain(
         need = [m.name for g in task.given for m in cfg.members(g)]
         missing = [n for n in need if n not in known]
         if missing:
-            raise ValueError(f"chain stage {i} ({task.name}) needs {missing}, which no earlier stage produced")
+            raise ValueError(
+                f"chain stage {i} ({task.name}) needs {missing}, which no earlier stage produced"
+            )
         stage_empty = {n: empty[n] for n in need} if empty else None
-        out = generate(network, schedule, task, given={n: known[n] for n in need}, empty=stage_empty, **kwargs)
+        out = generate(
+            network, schedule, task, given={n: known[n] for n in need}, empty=stage_empty, **kwargs
+        )
         known.update(out)
         produced.update(out)
         if on_stage is not None:
