@@ -24,7 +24,7 @@ def official():
     f = safe_open(str(OFFICIAL), "pt")
     return {
         "config": json.loads(f.metadata()["config"]),
-        "tensors": {k: f.get_tensor(k) for k in f.keys()},  # noqa: SIM118
+        "tensors": {k: f.get_tensor(k) for k in f.keys()},
     }
 
 

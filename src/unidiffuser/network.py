@@ -410,10 +410,10 @@ class UViT(nn.Module):
                     want = f"(batch, {', '.join(map(str, m.shape))})"
                 if not ok:
                     raise ValueError(f"{where}: expected shape {want}, got {tuple(x.shape)}")
-            if batch is None:
-                batch = x.shape[0]
-            elif x.shape[0] != batch:
-                raise ValueError(f"{where}: batch size {x.shape[0]} differs from {batch} of the others")
+            batch = x.shape[0] if batch is None else batch
+        sizes = {m.name: inputs[m.name].shape[0] for m in cfg.modalities}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"inputs: batch sizes differ between modalities: {sizes}")
         for g in cfg.groups:
             t = timesteps[g]
             if not isinstance(t, Tensor) or t.ndim != 1 or t.shape[0] != batch:
