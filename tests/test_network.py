@@ -4,8 +4,8 @@ import dataclasses
 
 import pytest
 import torch
-
 from conftest import random_inputs
+
 from unidiffuser.network import PRESETS, UViT, UViTConfig, image, label, preset, sequence, vector
 
 

@@ -144,5 +144,5 @@ def test_bad_arguments_are_named():
         sample_dpmpp_singlestep(toy.eps, x, time_uniform_grid(4), SCHEDULE, [3, 3])
     with pytest.raises(ValueError, match=r"model_fn returned shape \(2, 3\)"):
         sample(lambda v, t: v[:, :3], x, SCHEDULE, steps=2)
-    with pytest.raises(ValueError, match="t_start=1.0, t_end=2.0"):
+    with pytest.raises(ValueError, match=r"t_start=1\.0, t_end=2\.0"):
         time_uniform_grid(3, 1.0, 2.0)
