@@ -1,0 +1,100 @@
+"""The UniDiffuser loss: independent uniform timesteps per group, noise targets, weighting."""
+
+import pytest
+import torch
+from conftest import random_inputs
+
+from unidiffuser.network import PRESETS, UViT
+from unidiffuser.objective import unidiffuser_loss
+from unidiffuser.schedule import NoiseSchedule
+
+SCHEDULE = NoiseSchedule()
+
+
+class Zero(UViT):
+    """Predicts zero noise and records what it was fed."""
+
+    def forward(self, inputs, timesteps):
+        self.seen = (inputs, timesteps)
+        super().check_inputs(inputs, timesteps)
+        return {m.name: torch.zeros_like(inputs[m.name]) for m in self.config.diffused}
+
+
+@pytest.fixture(scope="module")
+def recorded():
+    model = Zero(PRESETS["tiny"])
+    n = 20_000
+    batch, _ = random_inputs(model.config, n)
+    clean = {k: (torch.zeros_like(v) if v.is_floating_point() else v) for k, v in batch.items()}
+    loss, parts = unidiffuser_loss(model, SCHEDULE, clean, generator=torch.Generator().manual_seed(0))
+    return model, loss, parts, n
+
+
+def test_timesteps_are_uniform_integers_drawn_independently_per_group(recorded):
+    model, _, _, n = recorded
+    t_img, t_text = model.seen[1]["image"], model.seen[1]["text"]
+    for t in (t_img, t_text):
+        assert torch.equal(t, t.round()) and t.min() >= 1 and t.max() <= 1000
+        # uniform on 1..1000: mean 500.5, sd 288.7 / sqrt(n) = 2.0; 4 sd of slack
+        assert abs(t.mean().item() - 500.5) < 8.2
+        assert abs(t.std().item() - 288.7) < 5
+    r = torch.corrcoef(torch.stack([t_img, t_text]))[0, 1].item()
+    assert abs(r) < 4 / n**0.5  # independent groups: correlation within 4 sd of 0
+    assert (t_img == t_text).float().mean() < 0.01
+
+
+def test_each_modality_gets_its_own_unit_noise_scaled_by_its_groups_sigma(recorded):
+    model, _, parts, _ = recorded
+    inputs, times = model.seen
+    eps = {}
+    for name, group in (("img", "image"), ("clip_img", "image"), ("text", "text")):
+        sigma = SCHEDULE.sigma(times[group].double() / 1000).float()  # clean data is 0: x_t = sigma_t eps
+        x = inputs[name]
+        eps[name] = x / sigma.view(-1, *([1] * (x.ndim - 1)))
+        assert abs(eps[name].mean().item()) < 0.01 and abs(eps[name].std().item() - 1) < 0.01
+        # a zero prediction's loss is the mean squared target: the target is this noise
+        torch.testing.assert_close(parts[name], eps[name].square().mean(), rtol=1e-3, atol=1e-4)
+    # noises of two modalities in one group are independent
+    r = torch.corrcoef(torch.stack([eps["clip_img"][:, 0], eps["img"][:, 0, 0, 0]]))[0, 1].item()
+    assert abs(r) < 0.03
+
+
+def test_weightings(tiny):
+    batch, _ = random_inputs(tiny.config, 4)
+    total, parts = unidiffuser_loss(tiny, SCHEDULE, batch, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(total, sum(parts.values()))
+    weighted, _ = unidiffuser_loss(
+        tiny, SCHEDULE, batch, weights={"text": 3.0}, generator=torch.Generator().manual_seed(1)
+    )
+    torch.testing.assert_close(weighted, total + 2 * parts["text"])
+    element, same = unidiffuser_loss(
+        tiny, SCHEDULE, batch, weighting="element", generator=torch.Generator().manual_seed(1)
+    )
+    numel = {"img": 256, "clip_img": 16, "text": 64}
+    expect = sum(parts[k] * numel[k] for k in numel) / sum(numel.values())
+    torch.testing.assert_close(element, expect)
+    assert all(torch.equal(parts[k], same[k]) for k in parts)
+
+
+def test_gradient_reaches_every_parameter():
+    torch.manual_seed(0)
+    model = UViT(PRESETS["tiny"])
+    batch, _ = random_inputs(model.config, 4)
+    loss, _ = unidiffuser_loss(model, SCHEDULE, batch)
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+
+
+def test_bad_loss_arguments(tiny):
+    batch, _ = random_inputs(tiny.config, 2)
+    with pytest.raises(ValueError, match="weighting='tokens'"):
+        unidiffuser_loss(tiny, SCHEDULE, batch, weighting="tokens")
+    with pytest.raises(ValueError, match=r"weights: unknown modalities \['audio'\]"):
+        unidiffuser_loss(tiny, SCHEDULE, batch, weights={"audio": 1.0})
+    with pytest.raises(ValueError, match=r"batch: got modalities \['clip_img', 'data_type', 'img'\]"):
+        unidiffuser_loss(tiny, SCHEDULE, {k: v for k, v in batch.items() if k != "text"})
+    with pytest.raises(ValueError, match=r"inputs\['img'\]: contains NaN"):
+        unidiffuser_loss(tiny, SCHEDULE, {**batch, "img": batch["img"] * float("nan")})
+    with pytest.raises(ValueError, match=r"batch\['text'\]: expected a floating tensor"):
+        unidiffuser_loss(tiny, SCHEDULE, {**batch, "text": batch["text"].long()})
