@@ -117,10 +117,10 @@ class ToyWorld:
 def train_toy(
     world: ToyWorld,
     *,
-    steps: int = 5000,
+    steps: int = 2500,
     seconds: float | None = None,
-    batch_size: int = 128,
-    lr: float = 3e-3,
+    batch_size: int = 256,
+    lr: float = 2e-3,
     width: int = 64,
     depth: int = 2,
     seed: int = 0,

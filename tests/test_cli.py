@@ -1,0 +1,45 @@
+"""The command line: info, a short demo, and argument errors."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from unidiffuser.cli import main
+
+
+def test_info_lists_the_released_sizes(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"unidiffuser-v1\s+952,509,520\s+1105\s+1536\s+31\s", out)
+    assert re.search(r"unidiffuser-v0\s+952,504,912\s+1104\s", out)
+
+
+def test_short_demo_prints_every_mode(capsys):
+    assert main(["demo", "--seconds", "2", "--samples", "40", "--steps", "3"]) == 0
+    out = capsys.readouterr().out
+    for mode in ("t2i:", "i2t:", "joint:", "i:", "t:", "i2t2i:", "t2i2t:"):
+        assert f"\n{mode}" in out
+    assert "law" in out and "model, guidance 3" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["demo", "--seconds", "0"], "expected a number > 0, got 0"),
+        (["demo", "--steps", "-1"], "expected an integer >= 1, got -1"),
+        (["demo", "--guidance", "-2"], "expected a number >= 0, got -2"),
+        (["fly"], "invalid choice: 'fly'"),
+    ],
+)
+def test_bad_arguments_exit_with_a_message(args, message):
+    result = subprocess.run([sys.executable, "-m", "unidiffuser.cli", *args], capture_output=True, text=True)
+    assert result.returncode == 2 and message in result.stderr
+
+
+def test_console_script_help_shows_defaults():
+    result = subprocess.run(
+        [sys.executable, "-m", "unidiffuser.cli", "demo", "--help"], capture_output=True, text=True
+    )
+    assert result.returncode == 0 and "(default: 60.0)" in result.stdout
