@@ -91,24 +91,10 @@ def config_from_official(cfg: Mapping) -> UViTConfig:
     )
 
 
-def official_forward(model: UViT, img, clip_img, text, t_img, t_text, data_type=None):
-    """Call our network with the released forward's positional arguments (for parity checks)."""
-    inputs = {
-        "img": img,
-        "clip_img": clip_img[:, 0] if clip_img.ndim == 3 else clip_img,
-        "text": text,
-    }
-    if data_type is not None:
-        inputs["data_type"] = data_type
-    out = model(inputs, {"image": t_img.float(), "text": t_text.float()})
-    return out["img"], out["clip_img"][:, None], out["text"]
-
-
 __all__ = [
     "KEY_MAP",
     "config_from_official",
     "from_official_keys",
     "load_official_state_dict",
-    "official_forward",
     "to_official_keys",
 ]
