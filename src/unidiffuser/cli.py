@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
+
+# Modules that add their own subcommands: each defines register(subparsers) and keeps its heavy
+# imports inside the command functions, so that `unidiffuser --help` stays fast.
+COMMAND_MODULES: tuple[str, ...] = ()
 
 
 def _positive_int(text: str) -> int:
