@@ -78,9 +78,11 @@ class _Marginals:
             raise ValueError(
                 f"timesteps: expected a 1-D grid of at least 2 times, got shape {tuple(ts.shape)}"
             )
-        if not torch.isfinite(ts).all() or not (ts[:-1] > ts[1:]).all() or ts[0] > 1 or ts[-1] < 0:
+        # decreasing times sample; increasing times invert (run the ODE from data towards noise)
+        monotone = bool((ts[:-1] > ts[1:]).all() or (ts[:-1] < ts[1:]).all())
+        if not torch.isfinite(ts).all() or not monotone or ts.max() > 1 or ts.min() < 0:
             raise ValueError(
-                f"timesteps: expected strictly decreasing times in [0, 1], got {ts.tolist()[:6]}..."
+                f"timesteps: expected strictly monotone times in [0, 1], got {ts.tolist()[:6]}..."
             )
         self.t = ts.tolist()
         self.alpha = schedule.alpha(ts).tolist()
