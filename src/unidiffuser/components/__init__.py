@@ -1,0 +1,1 @@
+"""Frozen wrappers of the standard encoders and decoders."""
