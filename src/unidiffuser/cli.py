@@ -9,7 +9,7 @@ import time
 
 # Modules that add their own subcommands: each defines register(subparsers) and keeps its heavy
 # imports inside the command functions, so that `unidiffuser --help` stays fast.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("unidiffuser.training.cli",)
 
 
 def _positive_int(text: str) -> int:

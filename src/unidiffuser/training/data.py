@@ -1,0 +1,457 @@
+"""Training data: map-style example sources and each process's resumable stream of batches.
+
+A source maps an index to one example, a dict of tensors without a batch axis, named like the
+network's modalities (labels as 0-d long tensors, the rest float32). Two sources:
+
+* ``ToyExamples``: the toy world (``unidiffuser.toy``), unbounded; example i is fixed by the seed.
+* ``FeatureShards``: a directory of ``*.safetensors`` shards written by ``write_feature_shard``.
+
+Feature shards. Each shard holds one tensor per modality with a leading example axis and, in its
+safetensors header under the key "unidiffuser", JSON metadata::
+
+    {"format": "unidiffuser.features", "version": 1, "count": 512,
+     "tensors": {"img": {"shape": [8, 64, 64], "dtype": "float16"}, "clip_img": ..., "text": ...},
+     "moments": {"img": 0.18215},      # stored as VAE posterior moments, sampled on the fly
+     "constants": {"data_type": 1}}    # a label fixed for the whole shard (or a per-example tensor)
+
+An image stored as moments is (2C, h, w): the posterior's mean and log-variance. Every time an
+example is used a fresh latent (mean + exp(logvar / 2) * noise) * scale_factor is drawn, as the
+paper does, from a generator seeded by the run seed and the stream position.
+
+Order and sharding. Positions 0, 1, 2, ... form one global sequence fixed by the seed: in epoch e
+the shards come in a seeded random order and the rows of each shard in a seeded random order (so
+one or two shards are read at a time, not random rows of all of them). Process r of W takes
+positions r, r + W, r + 2W, ...: the processes see disjoint examples. A stream's position is one
+integer, its cursor, saved with every checkpoint; a resumed stream continues with the same order.
+
+Bad data is skipped and counted, never fatal and never silent: shards that cannot be opened or do
+not match the model are left out when the source is opened (``FeatureShards.bad_shards``), and
+examples that cannot be read or hold NaN or infinite values are skipped by the stream
+(``DataStream.skipped``); the trainer logs both.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from ..network import UViTConfig
+from .checkpoint import set_default_permissions
+
+VAE_SCALE_FACTOR = 0.18215  # Stable Diffusion's KL-f8 latent scale
+SHARD_FORMAT = "unidiffuser.features"
+SHARD_VERSION = 1
+METADATA_KEY = "unidiffuser"
+TOY_CHUNK = 1024  # toy examples are drawn in seeded chunks of this size
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed for one purpose at one place (run seed, purpose, step, rank, ...).
+
+    Randomness derived this way needs no saved generator state: a resumed run recomputes it.
+    """
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def sample_latent(
+    moments: Tensor, generator: torch.Generator | None = None, scale_factor: float = VAE_SCALE_FACTOR
+) -> Tensor:
+    """Draw latents from VAE posterior moments (B, 2C, h, w) = [mean, logvar] along the channels.
+
+    Returns (mean + exp(logvar / 2) * noise) * scale_factor, (B, C, h, w) float32. The log-variance
+    is clamped to [-30, 20] like the KL autoencoder's own posterior. This is deliberately a small
+    copy of what the autoencoder component does, so that training needs no autoencoder.
+    """
+    if moments.ndim != 4 or moments.shape[1] % 2:
+        raise ValueError(f"moments: expected (B, 2C, h, w), got {tuple(moments.shape)}")
+    mean, logvar = moments.float().chunk(2, dim=1)  # each (B, C, h, w)
+    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+    draw_on = generator.device if generator is not None else moments.device
+    noise = torch.randn(mean.shape, generator=generator, device=draw_on).to(mean.device)
+    return (mean + std * noise) * scale_factor
+
+
+class SkipExample(Exception):
+    """An example that cannot be used; ``reason`` names the counter it is added to."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+class ExampleSource(Protocol):
+    """What a ``DataStream`` needs of a source."""
+
+    size: int | None  # number of examples; None when unbounded
+    moments: Mapping[str, float]  # modalities stored as posterior moments -> their scale factor
+    bad_shards: list[tuple[str, str]]  # (path, reason) of parts left out when opening
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]: ...
+
+    def index(self, position: int, seed: int) -> int:
+        """The example at one position of the seeded global order."""
+        ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing and reading feature shards
+
+
+def write_feature_shard(
+    path: str | Path, tensors: Mapping[str, Tensor], metadata: Mapping[str, Any] | None = None
+) -> Path:
+    """Write one feature shard atomically (a temporary file in the same folder, then a rename).
+
+    Args:
+        path: the shard file; its name should end in ".safetensors" to be found by the loader.
+        tensors: one tensor per modality, all with the same leading example axis. Labels are
+            integer tensors of shape (count,).
+        metadata: optional "moments" (a list of names stored as VAE posterior moments (count,
+            2C, h, w), or a dict name -> scale factor, default 0.18215), "constants" (labels fixed
+            for the whole shard, e.g. {"data_type": 1}), and any further JSON-serialisable keys,
+            kept as they are (e.g. the source of the features).
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    meta = dict(metadata or {})
+    if not tensors:
+        raise ValueError("tensors: a shard needs at least one tensor")
+    counts = {name: t.shape[0] if isinstance(t, Tensor) and t.ndim else None for name, t in tensors.items()}
+    if None in counts.values() or len(set(counts.values())) != 1 or min(counts.values()) < 1:
+        raise ValueError(
+            f"tensors: every value must be a tensor with the same leading example axis >= 1, got {counts}"
+        )
+    moments = meta.pop("moments", {}) or {}
+    if not isinstance(moments, Mapping):
+        moments = dict.fromkeys(moments, VAE_SCALE_FACTOR)
+    for name in moments:
+        t = tensors.get(name)
+        if t is None or t.ndim != 4 or t.shape[1] % 2:
+            got = tuple(t.shape) if t is not None else "no tensor"
+            raise ValueError(f"moments: {name!r} must be a tensor (count, 2C, h, w), got {got}")
+    constants = dict(meta.pop("constants", {}) or {})
+    clash = sorted(set(constants) & set(tensors))
+    if clash:
+        raise ValueError(f"constants: {clash} are also stored as tensors; give each label one way")
+    header = {
+        "format": SHARD_FORMAT,
+        "version": SHARD_VERSION,
+        "count": next(iter(counts.values())),
+        "tensors": {
+            name: {"shape": list(t.shape[1:]), "dtype": str(t.dtype).removeprefix("torch.")}
+            for name, t in tensors.items()
+        },
+        "moments": {name: float(scale) for name, scale in moments.items()},
+        "constants": constants,
+        **meta,
+    }
+    data = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(data, tmp, metadata={METADATA_KEY: json.dumps(header)})
+        set_default_permissions(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_shard_metadata(path: str | Path) -> dict[str, Any]:
+    """The JSON metadata of one shard (raises on an unreadable or foreign file)."""
+    with safe_open(str(path), "pt") as f:
+        header = (f.metadata() or {}).get(METADATA_KEY)
+    if header is None:
+        raise ValueError(f"{path}: no {METADATA_KEY!r} metadata; not written by write_feature_shard")
+    meta = json.loads(header)
+    if meta.get("format") != SHARD_FORMAT or meta.get("version") != SHARD_VERSION:
+        raise ValueError(f"{path}: format {meta.get('format')!r} version {meta.get('version')!r} is not ours")
+    return meta
+
+
+def check_shard(meta: Mapping[str, Any], config: UViTConfig) -> str | None:
+    """Why a shard cannot feed this network, or None when it can."""
+    tensors, moments, constants = meta["tensors"], meta.get("moments", {}), meta.get("constants", {})
+    for m in config.modalities:
+        if m.kind == "label":
+            if m.name in constants:
+                value = constants[m.name]
+                if not isinstance(value, int) or not 0 <= value < m.num_classes:
+                    return f"constant {m.name}={value!r} is not in [0, {m.num_classes - 1}]"
+            elif m.name in tensors:
+                info = tensors[m.name]
+                if info["shape"] != [] or not info["dtype"].startswith(("int", "uint")):
+                    return f"label {m.name!r} must be an integer tensor (count,), got {info}"
+            else:
+                return f"no values for label {m.name!r} (a per-example tensor or constants.{m.name})"
+            continue
+        if m.name not in tensors:
+            return f"no tensor for modality {m.name!r}"
+        want = list(m.shape)
+        if m.name in moments:
+            want = [2 * m.shape[0], *m.shape[1:]]
+        if tensors[m.name]["shape"] != want:
+            what = "moments" if m.name in moments else "values"
+            return f"{m.name!r}: stored {what} of shape {tensors[m.name]['shape']}, the model needs {want}"
+        if not tensors[m.name]["dtype"].startswith(("float", "bfloat")):
+            return f"{m.name!r}: dtype {tensors[m.name]['dtype']} is not floating point"
+    return None
+
+
+class FeatureShards:
+    """A directory of feature shards as one map-style source, for one network config."""
+
+    def __init__(self, root: str | Path, config: UViTConfig, max_open: int = 4):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise ValueError(
+                f"data = {str(root)!r}: not a directory; give the folder of *.safetensors shards"
+            )
+        self.config = config
+        self.names = tuple(m.name for m in config.modalities)
+        self.labels = {m.name for m in config.labels}
+        self.paths: list[Path] = []
+        self.metas: list[dict[str, Any]] = []
+        self.bad_shards: list[tuple[str, str]] = []
+        for path in sorted(self.root.glob("*.safetensors")):
+            try:
+                meta = read_shard_metadata(path)
+            except Exception as e:  # any unreadable file is left out and reported, never fatal
+                self.bad_shards.append((str(path), f"unreadable: {e}"))
+                continue
+            reason = check_shard(meta, config)
+            if reason is not None:
+                self.bad_shards.append((str(path), reason))
+                continue
+            self.paths.append(path)
+            self.metas.append(meta)
+        if not self.paths:
+            detail = (
+                "; ".join(f"{Path(p).name}: {r}" for p, r in self.bad_shards[:5]) or "no *.safetensors files"
+            )
+            raise ValueError(f"data = {str(root)!r}: no usable feature shard ({detail})")
+        scales: dict[str, float] = {}
+        for meta in self.metas:
+            for name, scale in meta.get("moments", {}).items():
+                if scales.setdefault(name, scale) != scale:
+                    raise ValueError(f"data = {str(root)!r}: shards disagree on the scale factor of {name!r}")
+        stored_as = {frozenset(meta.get("moments", {})) for meta in self.metas}
+        if len(stored_as) > 1:
+            raise ValueError(
+                f"data = {str(root)!r}: some shards store {sorted(scales)} as moments, others not"
+            )
+        self.moments = scales
+        self.counts = [int(meta["count"]) for meta in self.metas]
+        self.offsets = [0]
+        for c in self.counts:
+            self.offsets.append(self.offsets[-1] + c)
+        self.size = self.offsets[-1]
+        self._open: collections.OrderedDict[int, Any] = collections.OrderedDict()
+        self._max_open = max_open
+        self._epoch_cache: tuple[tuple[int, int], list[int], list[int]] | None = None
+        self._rows_cache: collections.OrderedDict[tuple, Tensor] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _handle(self, shard: int):
+        if shard in self._open:
+            self._open.move_to_end(shard)
+            return self._open[shard]
+        handle = safe_open(str(self.paths[shard]), "pt")
+        self._open[shard] = handle
+        if len(self._open) > self._max_open:
+            self._open.popitem(last=False)
+        return handle
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        shard = bisect.bisect_right(self.offsets, index) - 1
+        row = index - self.offsets[shard]
+        meta = self.metas[shard]
+        out = {}
+        try:
+            handle = self._handle(shard)
+            for name in self.names:
+                if name in meta.get("constants", {}):
+                    out[name] = torch.tensor(meta["constants"][name], dtype=torch.long)
+                    continue
+                value = handle.get_slice(name)[row : row + 1][0]
+                out[name] = value.long() if name in self.labels else value.float()
+        except Exception as e:  # a file that went bad after opening: skip the example, count it
+            self._open.pop(shard, None)
+            raise SkipExample("unreadable", f"{self.paths[shard].name} row {row}: {e}") from e
+        for name, value in out.items():
+            if name not in self.labels and not torch.isfinite(value).all():
+                raise SkipExample("non_finite", f"{self.paths[shard].name} row {row}: {name}")
+        return out
+
+    def index(self, position: int, seed: int) -> int:
+        """Shards in a seeded order per epoch, rows in a seeded order per shard and epoch."""
+        epoch, offset = divmod(position, self.size)
+        key = (seed, epoch)
+        if self._epoch_cache is None or self._epoch_cache[0] != key:
+            g = torch.Generator().manual_seed(derive_seed(seed, "shards", epoch))
+            order = torch.randperm(len(self.paths), generator=g).tolist()
+            starts = [0]
+            for s in order:
+                starts.append(starts[-1] + self.counts[s])
+            self._epoch_cache = (key, order, starts)
+        _, order, starts = self._epoch_cache
+        k = bisect.bisect_right(starts, offset) - 1
+        shard = order[k]
+        rows_key = (seed, epoch, shard)
+        if rows_key not in self._rows_cache:
+            g = torch.Generator().manual_seed(derive_seed(seed, "rows", epoch, shard))
+            self._rows_cache[rows_key] = torch.randperm(self.counts[shard], generator=g)
+            if len(self._rows_cache) > 8:
+                self._rows_cache.popitem(last=False)
+        return self.offsets[shard] + int(self._rows_cache[rows_key][offset - starts[k]])
+
+
+# ---------------------------------------------------------------------------------------------
+# The toy world
+
+
+class ToyExamples:
+    """The toy world as an unbounded map-style source: example i is fixed by (seed, i)."""
+
+    def __init__(self, config: UViTConfig, seed: int):
+        from ..toy import ToyWorld
+
+        names = [m.name for m in config.modalities]
+        self.world = ToyWorld(colour="colour" in names)
+        reference = self.world.config()
+        produced = {m.name: m for m in reference.modalities}
+        for m in config.modalities:
+            if m.name not in produced or produced[m.name].shape != m.shape or produced[m.name].kind != m.kind:
+                raise ValueError(
+                    f"data = 'toy': the model's modality {m.name!r} {m.kind} {m.shape} is not one the toy "
+                    f"world yields ({', '.join(f'{p.name} {p.shape}' for p in reference.modalities)}); "
+                    "use model = 'toy' or an inline config of those modalities"
+                )
+        self.names = tuple(names)
+        self.seed = seed
+        self.size = None
+        self.moments: dict[str, float] = {}
+        self.bad_shards: list[tuple[str, str]] = []
+        self._chunk: tuple[int, dict[str, Tensor]] | None = None
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        chunk, row = divmod(index, TOY_CHUNK)
+        if self._chunk is None or self._chunk[0] != chunk:
+            g = torch.Generator().manual_seed(derive_seed(self.seed, "toy", chunk))
+            self._chunk = (chunk, self.world.sample(TOY_CHUNK, g))
+        data = self._chunk[1]
+        return {name: data[name][row] for name in self.names}
+
+    def index(self, position: int, seed: int) -> int:
+        return position  # the examples are already independent draws
+
+
+def open_source(data: str, config: UViTConfig, seed: int) -> ExampleSource:
+    """The source named by a TrainConfig's ``data``: "toy" or a feature-shard directory."""
+    if data == "toy":
+        return ToyExamples(config, seed)
+    return FeatureShards(data, config)
+
+
+# ---------------------------------------------------------------------------------------------
+# One process's stream of batches
+
+
+class DataStream:
+    """Batches for one process: its share of the seeded global order, resumable by its cursor.
+
+    Args:
+        source: the examples.
+        batch_size: examples per batch (this process's micro-batch).
+        seed: the run seed; fixes the order and the latent noise.
+        rank: this process's index.
+        world_size: number of processes.
+        max_misses: give up after this many bad examples in a row (a source of bad data only).
+    """
+
+    def __init__(
+        self,
+        source: ExampleSource,
+        batch_size: int,
+        *,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        max_misses: int = 10_000,
+    ):
+        if batch_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"batch_size={batch_size} must be >= 1 and rank={rank} in [0, {world_size})")
+        self.source = source
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.max_misses = max_misses
+        self.cursor = 0  # positions of this process's share consumed so far
+        self.skipped: collections.Counter[str] = collections.Counter()
+
+    def __iter__(self) -> DataStream:
+        return self
+
+    def __next__(self) -> dict[str, Tensor]:
+        return self.next_batch()
+
+    def next_batch(self) -> dict[str, Tensor]:
+        """The next batch: labels (B,) long, others (B, ...) float32, moments already sampled."""
+        start = self.cursor
+        items, misses = [], 0
+        while len(items) < self.batch_size:
+            position = self.cursor * self.world_size + self.rank
+            self.cursor += 1
+            try:
+                items.append(self.source[self.source.index(position, self.seed)])
+                misses = 0
+            except SkipExample as e:
+                self.skipped[e.reason] += 1
+                misses += 1
+                if misses >= self.max_misses:
+                    raise RuntimeError(
+                        f"{misses} bad examples in a row (last: {e}); the data is unusable"
+                    ) from e
+        batch = {name: torch.stack([item[name] for item in items]) for name in items[0]}
+        g = torch.Generator().manual_seed(derive_seed(self.seed, "latent", self.rank, start))
+        for name, scale in self.source.moments.items():
+            batch[name] = sample_latent(batch[name], g, scale)
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"cursor": self.cursor, "rank": self.rank, "world_size": self.world_size}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.cursor = int(state["cursor"])
+
+
+def resume_cursor(cursors: Sequence[int], rank: int, world_size: int) -> tuple[int, bool]:
+    """This process's cursor from the saved cursors of every process; False if not exact.
+
+    With the same number of processes each takes its own; otherwise each starts where the
+    examples consumed so far would put it (examples near the boundary may repeat or be missed).
+    """
+    if len(cursors) == world_size:
+        return int(cursors[rank]), True
+    consumed = max(c * len(cursors) for c in cursors)
+    return -(-consumed // world_size), False

@@ -1,0 +1,476 @@
+"""Training and fine-tuning with the UniDiffuser objective, on one CPU, one GPU or many (accelerate).
+
+    unidiffuser train --config run.toml
+    torchrun --nproc_per_node 8 -m unidiffuser.cli train --config run.toml
+    accelerate launch --num_processes 8 -m unidiffuser.cli train --config run.toml
+
+Several processes run data-parallel (DDP: nccl on GPUs, gloo on CPUs); ``batch_size`` is the
+global batch of one optimizer step, split evenly over processes and accumulation steps.
+
+Randomness. The initial weights come from ``torch.manual_seed(seed)``. Everything drawn while
+training, data order, latent noise, timesteps and diffusion noise, is derived from (seed, step,
+process, micro-step) with ``data.derive_seed``: a resumed run redraws exactly what the run
+without interruption would have drawn, with no generator state to save. What a checkpoint must
+carry is the weights, the EMA, the optimizer, the scheduler, the grad scaler and each process's
+data cursor (which advances past skipped examples).
+
+Helpers first; ``train(config)`` reads top to bottom, as DiT's train.py does.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import functools
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from ..network import UViT, UViTConfig
+from ..objective import unidiffuser_loss
+from ..schedule import NoiseSchedule
+from .checkpoint import (
+    checkpoint_name,
+    find_checkpoints,
+    load_network_weights,
+    load_training_state,
+    load_weights,
+    save_checkpoint,
+    saved_model_config,
+)
+from .config import TrainConfig
+from .data import DataStream, derive_seed, open_source, resume_cursor
+
+# Keys whose change makes a resumed run draw other data or noise than the original would have.
+ORDER_KEYS = ("data", "batch_size", "grad_accum", "seed")
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def build_accelerator(config: TrainConfig) -> Accelerator:
+    """An Accelerator for this launch: mixed precision, accumulation, DDP when launched so."""
+    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError(
+            "mixed_precision = 'fp16': needs a CUDA device and none is available; use 'bf16' or 'no' on CPU"
+        )
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # accelerate runs several processes on CPUs (gloo) only when told cpu=True
+    cpu = distributed and not torch.cuda.is_available()
+    return Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.grad_accum,
+        cpu=cpu,
+    )
+
+
+def micro_batch_size(config: TrainConfig, num_processes: int) -> int:
+    """Examples per process and forward pass."""
+    parts = num_processes * config.grad_accum
+    if config.batch_size % parts:
+        raise ValueError(
+            f"batch_size = {config.batch_size}: not divisible by {num_processes} processes x grad_accum "
+            f"{config.grad_accum} = {parts}; use a multiple of {parts}"
+        )
+    return config.batch_size // parts
+
+
+def build_model(config: TrainConfig, model_config: UViTConfig) -> UViT:
+    torch.manual_seed(config.seed)
+    model = UViT(model_config)
+    model.gradient_checkpointing = config.gradient_checkpointing
+    # The data stream already drops non-finite examples; the network's own value checks would
+    # synchronise the GPU on every forward. A diverging loss is caught at each log step instead.
+    model.check_values = False
+    return model
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on weight matrices; none on norms, biases, position embeddings
+    (pos_embed, label_pos.*) and embedding tables."""
+    no_decay = set()
+    for module_name, module in model.named_modules():
+        for name, _ in module.named_parameters(recurse=False):
+            full = f"{module_name}.{name}" if module_name else name
+            if (
+                name == "bias"
+                or isinstance(module, nn.LayerNorm | nn.Embedding)
+                or full == "pos_embed"
+                or full.startswith("label_pos.")
+            ):
+                no_decay.add(full)
+    params = dict(model.named_parameters())
+    return [
+        {"params": [p for n, p in params.items() if n not in no_decay], "weight_decay": weight_decay},
+        {"params": [p for n, p in params.items() if n in no_decay], "weight_decay": 0.0},
+    ]
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """Linear warm-up: the learning rate of optimizer step k (from 0) is lr * min(1, (k + 1) / W)."""
+    return 1.0 if warmup_steps == 0 else min(1.0, (step + 1) / warmup_steps)
+
+
+def build_optimizer(
+    model: nn.Module, config: TrainConfig
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, config.weight_decay), lr=config.lr, betas=config.betas
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(warmup_factor, warmup_steps=config.warmup_steps)
+    )
+    return optimizer, scheduler
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
+    for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+        e.lerp_(p.detach().to(e.dtype), 1.0 - decay)
+    for e, b in zip(ema.buffers(), model.buffers(), strict=True):
+        e.copy_(b)
+
+
+class LossView:
+    """What ``unidiffuser_loss`` needs of the network: its config, and a call that goes through
+    accelerate's wrapper (DDP gradient sync, autocast)."""
+
+    def __init__(self, wrapped: nn.Module, config: UViTConfig):
+        self.wrapped = wrapped
+        self.config = config
+
+    def __call__(self, inputs: Mapping[str, Tensor], timesteps: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return self.wrapped(inputs, timesteps)
+
+
+def write_samples(ema: UViT, step: int, run_dir: Path) -> None:
+    """Hook for periodic sample grids from the EMA network (they come with the pipeline).
+
+    Called on the main process after every checkpoint; does nothing yet.
+    """
+
+
+def _write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+class RunLog:
+    """The main process's log: console lines (through tqdm), log.jsonl, TensorBoard if installed."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.bar: tqdm | None = None
+        self.tensorboard = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(run_dir / "log.jsonl", "a")  # closed in close()
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+        except ImportError:
+            self.note("TensorBoard not installed (pip install tensorboard): logging to log.jsonl only")
+
+    def note(self, text: str) -> None:
+        if self.enabled:
+            (self.bar.write if self.bar is not None else print)(text, file=sys.stderr)
+
+    def metrics(self, step: int, values: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self.jsonl.flush()
+        if self.tensorboard is not None:
+            for k, v in values.items():
+                self.tensorboard.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+            if self.bar is not None:
+                self.bar.close()
+
+
+def format_metrics(step: int, steps: int, m: Mapping[str, float]) -> str:
+    parts = ", ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in m.items() if k.startswith("loss/"))
+    line = f"step {step}/{steps}  loss {m['loss']:.4f} ({parts})  lr {m['lr']:.2e}  grad {m['grad_norm']:.3f}"
+    line += f"  {m['samples_per_s']:.1f} samples/s"
+    if "gpu_mem_gib" in m:
+        line += f"  mem {m['gpu_mem_gib']:.2f} GiB"
+    skipped = {k.split("/", 1)[1]: int(v) for k, v in m.items() if k.startswith("skipped/") and v}
+    if skipped:
+        line += "  skipped: " + ", ".join(f"{v} {k}" for k, v in skipped.items())
+    return line
+
+
+def check_resume(checkpoint, config: TrainConfig, model_config: UViTConfig, log: RunLog) -> None:
+    """Refuse another architecture; say which changed options make the run differ from the original."""
+    if checkpoint.model_config != model_config:
+        raise ValueError(
+            f"resume: {checkpoint.path} holds another architecture than model = {config.model!r}; "
+            "resume with the run's own config (its config.toml) or start a new output_dir"
+        )
+    saved, now = checkpoint.state.get("config", {}), config.to_dict()
+    changed = [k for k in now if k not in ("resume",) and saved.get(k) != now[k]]
+    if changed:
+        order = [k for k in changed if k in ORDER_KEYS]
+        log.note(f"resume: options changed since the checkpoint: {', '.join(changed)}")
+        if order:
+            log.note(f"resume: {', '.join(order)} changed, so data and noise differ from the original run")
+
+
+@dataclass
+class TrainResult:
+    """What a finished run leaves: the networks (unwrapped, on the training device) and where."""
+
+    run_dir: Path
+    step: int
+    checkpoint: Path | None
+    model: UViT
+    ema: UViT
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Train (or fine-tune, or resume) a UniDiffuser network as ``config`` says."""
+    model_config = config.model_config()
+    accelerator = build_accelerator(config)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    is_main = accelerator.is_main_process
+    micro = micro_batch_size(config, world)
+    run_dir = Path(config.output_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    log = RunLog(run_dir, enabled=is_main)
+
+    # Where to start: the newest complete checkpoint (resume), given weights (init_from), or random.
+    complete, incomplete = find_checkpoints(ckpt_dir)
+    for path, reason in incomplete:
+        log.note(f"ignoring incomplete checkpoint {path.name}: {reason}")
+    if complete and not config.resume:
+        raise ValueError(
+            f"output_dir = {config.output_dir!r} already holds checkpoints (newest {complete[-1].path.name}); "
+            "pass --resume to continue that run, or choose another output_dir"
+        )
+    start = complete[-1] if complete and config.resume else None
+    if config.resume and start is None:
+        log.note(f"resume: no complete checkpoint in {ckpt_dir}; starting from step 0")
+    if is_main:  # the resolved options of this launch, beside its checkpoints
+        _write_text(run_dir / "config.toml", config.to_toml())
+        resolved = {
+            "train": config.to_dict(),
+            "model_config": model_config.to_dict(),
+            "processes": world,
+            "micro_batch_size": micro,
+            "versions": {"torch": torch.__version__},
+        }
+        _write_text(run_dir / "config.json", json.dumps(resolved, indent=2) + "\n")
+
+    # Networks, optimizer and data.
+    model = build_model(config, model_config)
+    if start is not None:
+        check_resume(start, config, model_config, log)
+        model.load_state_dict(load_weights(start, "model"))
+    elif config.init_from:
+        saved = saved_model_config(config.init_from)
+        if saved is not None and saved != model_config:
+            raise ValueError(
+                f"init_from = {config.init_from!r}: saved with another architecture than model = "
+                f"{config.model!r}; set model to the architecture of the weights"
+            )
+        model.load_state_dict(load_network_weights(config.init_from))
+        log.note(f"fine-tuning from {config.init_from}")
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    if start is not None:
+        ema.load_state_dict(load_weights(start, "ema"))
+    optimizer, scheduler = build_optimizer(model, config)
+    source = open_source(config.data, model_config, config.seed)
+    for path, reason in source.bad_shards:
+        log.note(f"skipping shard {Path(path).name}: {reason}")
+    stream = DataStream(source, micro, seed=config.seed, rank=rank, world_size=world)
+
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ema.to(device)
+    step = 0
+    if start is not None:
+        training = load_training_state(start)
+        optimizer.load_state_dict(training["optimizer"])
+        scheduler.load_state_dict(training["scheduler"])
+        if accelerator.scaler is not None and training.get("scaler"):
+            accelerator.scaler.load_state_dict(training["scaler"])
+        cursor, exact = resume_cursor(training["data"]["cursors"], rank, world)
+        stream.cursor = cursor
+        if not exact:
+            log.note(
+                f"resume: saved with {len(training['data']['cursors'])} processes, now {world}: the "
+                "data order continues approximately"
+            )
+        step = start.step
+        log.note(f"resumed from {start.path} at step {step}")
+
+    n_params = sum(p.numel() for p in ema.parameters())
+    size = "unbounded" if source.size is None else f"{source.size:,}"
+    log.note(
+        f"{n_params:,} parameters | {world} process(es) on {device} | batch {config.batch_size} = "
+        f"{world} x {config.grad_accum} x {micro} | data {config.data} ({size} examples) | "
+        f"mixed precision {config.mixed_precision}"
+    )
+
+    schedule = NoiseSchedule()
+    network = LossView(model, model_config)
+    generator = torch.Generator(device=device)
+    names = [m.name for m in model_config.diffused]
+    window = torch.zeros(len(names) + 2, device=device)  # loss, per-modality losses, micro-steps
+    grad_norm = torch.zeros((), device=device)
+    window_start, window_steps = time.perf_counter(), 0
+    last_checkpoint = None
+    if is_main:
+        log.bar = tqdm(total=config.steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
+    model.train()
+    while step < config.steps:
+        for micro_step in range(config.grad_accum):
+            batch = {k: v.to(device, non_blocking=True) for k, v in stream.next_batch().items()}
+            generator.manual_seed(derive_seed(config.seed, "loss", step, rank, micro_step))
+            with accelerator.accumulate(model):
+                loss, parts = unidiffuser_loss(
+                    network,
+                    schedule,
+                    batch,
+                    weighting=config.weighting,
+                    weights=config.loss_weights,
+                    generator=generator,
+                )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip or math.inf)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            window += torch.stack(
+                [loss.detach().float(), *(parts[n].float() for n in names), window.new_ones(())]
+            )
+        if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: the scaler skipped the step
+            scheduler.step()
+        update_ema(ema, accelerator.unwrap_model(model), config.ema_decay)
+        step += 1
+        window_steps += 1
+        if log.bar is not None:
+            log.bar.update(1)
+
+        if step % config.log_every == 0 or step == config.steps:
+            skipped = torch.tensor(
+                [stream.skipped["non_finite"], stream.skipped["unreadable"]],
+                device=device,
+                dtype=torch.float32,
+            )
+            totals = accelerator.reduce(torch.cat([window, skipped]), reduction="sum")
+            elapsed = time.perf_counter() - window_start
+            mean = totals[: len(names) + 1] / totals[len(names) + 1]
+            metrics = {"loss": mean[0].item()}
+            metrics.update({f"loss/{n}": mean[i + 1].item() for i, n in enumerate(names)})
+            metrics["lr"] = scheduler.get_last_lr()[0]
+            metrics["grad_norm"] = float(grad_norm)
+            metrics["samples_per_s"] = config.batch_size * window_steps / elapsed
+            if device.type == "cuda":
+                metrics["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                torch.cuda.reset_peak_memory_stats(device)
+            metrics["skipped/non_finite"] = totals[-2].item()
+            metrics["skipped/unreadable"] = totals[-1].item()
+            metrics["skipped/shards"] = len(source.bad_shards)
+            log.metrics(step, metrics)
+            log.note(format_metrics(step, config.steps, metrics))
+            if not math.isfinite(metrics["loss"]):
+                raise FloatingPointError(
+                    f"the loss is {metrics['loss']} at step {step}; lower lr, raise warmup_steps or "
+                    "use bf16 instead of fp16, and resume from the last checkpoint"
+                )
+            window.zero_()
+            window_start, window_steps = time.perf_counter(), 0
+
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            last_checkpoint = save(
+                accelerator, config, model_config, step, model, ema, optimizer, scheduler, stream
+            )
+            if is_main:
+                log.note(f"saved {last_checkpoint}")
+                write_samples(ema, step, run_dir)
+
+    skipped = {"non_finite": stream.skipped["non_finite"], "unreadable": stream.skipped["unreadable"]}
+    skipped["shards"] = len(source.bad_shards)
+    log.close()
+    accelerator.wait_for_everyone()
+    return TrainResult(run_dir, step, last_checkpoint, accelerator.unwrap_model(model), ema, skipped)
+
+
+def save(
+    accelerator: Accelerator,
+    config: TrainConfig,
+    model_config: UViTConfig,
+    step: int,
+    model: nn.Module,
+    ema: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    stream: DataStream,
+) -> Path:
+    """Write a checkpoint on the main process (every process takes part: the data cursors)."""
+    cursors = gather_object([stream.cursor])
+    skipped: collections.Counter[str] = collections.Counter()
+    for counts in gather_object([dict(stream.skipped)]):
+        skipped.update(counts)
+    path = Path(config.output_dir) / "checkpoints" / checkpoint_name(step)
+    error = None
+    if accelerator.is_main_process:
+        try:
+            training = {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                "data": {"cursors": cursors},
+                "step": step,
+            }
+            state = {
+                "config": config.to_dict(),
+                "model_config": model_config.to_dict(),
+                "data": {"cursors": cursors, "world_size": accelerator.num_processes},
+                "skipped_since_launch": dict(skipped),
+            }
+            save_checkpoint(
+                path.parent,
+                step,
+                model=accelerator.unwrap_model(model).state_dict(),
+                ema=ema.state_dict(),
+                training=training,
+                state=state,
+                keep_last=config.keep_last,
+            )
+        except Exception as e:  # re-raised below, after telling the other processes
+            error = e
+    ok = accelerator.gather(torch.tensor([int(error is None)], device=accelerator.device))
+    if error is not None:
+        raise error
+    if not bool(ok.all()):
+        raise RuntimeError(f"step {step}: the main process failed to write its checkpoint")
+    return path
