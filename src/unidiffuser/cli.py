@@ -9,7 +9,7 @@ import time
 
 # Modules that add their own subcommands: each defines register(subparsers) and keeps its heavy
 # imports inside the command functions, so that `unidiffuser --help` stays fast.
-COMMAND_MODULES: tuple[str, ...] = ("unidiffuser.training.cli",)
+COMMAND_MODULES: tuple[str, ...] = ("unidiffuser.sample_cli", "unidiffuser.training.cli")
 
 
 def _positive_int(text: str) -> int:
@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
         "info", help="list network presets", description=cmd_info.__doc__, formatter_class=fmt
     )
     info.set_defaults(func=cmd_info)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return parser
 
 

@@ -1,0 +1,478 @@
+"""The UniDiffuser pipeline: strings and pictures in, strings and pictures out, for every task.
+
+The pipeline joins the network (``network.py``), the tasks and solvers (``tasks.py``) and four
+frozen components (``components/``):
+
+    prompt --CLIP text--> (77, 768) --caption decoder encode--> text latent (77, 64)
+    image  --VAE encode (sampled)--> image latent (4, H/8, W/8)   } the "image" group
+    image  --CLIP image--> image embedding (512)                  }
+    text latent --caption decoder beam search--> caption
+    image latent --VAE decode--> image
+
+Every method takes a seed and draws all its noise from one CPU generator, so a seed gives the
+same result on any device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from .components.images import load_image, resize_and_crop, to_pil, to_tensor
+from .network import UViT
+from .schedule import NoiseSchedule
+from .solvers import official_orders, sample_ddim, time_uniform_grid
+from .tasks import TASKS, TaskModel, generate, generate_chain
+
+ImageInput = Image.Image | str | Path
+Progress = Callable[[int, int], None]  # (steps done, steps in all)
+
+
+@dataclass
+class Output:
+    """What a pipeline call returns: images, captions and, on request, the latents."""
+
+    images: list[Image.Image] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    latents: dict[str, Tensor] | None = None
+
+
+class UniDiffuser:
+    """Every UniDiffuser task over one network and its components.
+
+    Args:
+        network: the U-ViT with groups "image" (modalities img, clip_img) and "text" (text).
+        autoencoder: image pixels <-> image latents (components.autoencoder.ImageAutoencoder).
+        image_encoder: images -> CLIP image embeddings (components.clip.ClipImageEmbedder).
+        text_encoder: strings -> CLIP text features (components.clip.ClipTextEncoder).
+        caption_decoder: features -> text latents and text latents -> strings
+            (components.caption.CaptionDecoder).
+        schedule: the noise schedule (Stable Diffusion's by default).
+        data_type: v1's data_type label for sampling (1: the curated data the released model
+            prefers); ignored by models without that label.
+    """
+
+    def __init__(
+        self,
+        network: UViT,
+        autoencoder,
+        image_encoder,
+        text_encoder,
+        caption_decoder,
+        *,
+        schedule: NoiseSchedule | None = None,
+        data_type: int = 1,
+    ):
+        cfg = network.config
+        names = {m.name for m in cfg.modalities}
+        if {"img", "clip_img", "text"} - names or set(cfg.groups) != {"image", "text"}:
+            raise ValueError(
+                "network: the pipeline needs the image-text layout (groups image and text; modalities "
+                f"img, clip_img, text), got groups {cfg.groups} and modalities {sorted(names)}"
+            )
+        self.network = network.eval()
+        self.autoencoder = autoencoder
+        self.image_encoder = image_encoder
+        self.text_encoder = text_encoder
+        self.caption_decoder = caption_decoder
+        self.schedule = schedule or NoiseSchedule()
+        self.data_type = data_type
+        img = cfg.modality("img")
+        self.latent_channels, self.latent_size = img.shape[0], img.shape[1:]
+        self.downsample = 8  # the KL-f8 autoencoder
+        self.patch_pixels = img.patch_size * self.downsample  # sizes must be multiples of this
+
+    # -- loading --------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    ):
+        """Load a model directory in any supported layout (ours, the release files, diffusers)."""
+        from .loading import load_pipeline
+
+        return load_pipeline(path, device=device, dtype=dtype)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write our format: one safetensors file or folder per component and a JSON config."""
+        from .loading import save_pipeline
+
+        save_pipeline(self, path)
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> UniDiffuser:
+        for part in (
+            self.network,
+            self.autoencoder,
+            self.image_encoder,
+            self.text_encoder,
+            self.caption_decoder,
+        ):
+            part.to(device=device, dtype=dtype)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.network.device
+
+    # -- encoders and decoders ------------------------------------------------------------------
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        """Pixel size the network was trained at (height, width)."""
+        return (self.latent_size[0] * self.downsample, self.latent_size[1] * self.downsample)
+
+    def _check_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        h, w = self.default_size
+        h, w = height or h, width or w
+        step = self.patch_pixels
+        for name, value in (("height", h), ("width", w)):
+            if not isinstance(value, int) or value < step or value % step:
+                raise ValueError(f"{name}={value!r}: expected a positive multiple of {step} pixels")
+        return h, w
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
+        """Strings -> text latents (B, 77, prefix_dim)."""
+        prompts = _check_prompts(prompts, "prompts")
+        features = self.text_encoder(prompts)
+        return self.caption_decoder.encode(features.to(self.device)).float()
+
+    @torch.no_grad()
+    def encode_images(
+        self, images: Sequence[ImageInput], generator: torch.Generator, size: tuple[int, int] | None = None
+    ) -> dict[str, Tensor]:
+        """Pictures -> the image group: VAE latents (posterior sampled) and CLIP embeddings."""
+        if isinstance(images, (str, Path, Image.Image)) or not len(images):
+            raise ValueError("images: expected a non-empty list of PIL images or image paths")
+        h, w = size or self.default_size
+        # one crop for both encoders: CLIP sees the picture the autoencoder sees, as released
+        pil = [resize_and_crop(load_image(im), (h, w)) for im in images]
+        pixels = to_tensor(pil, (h, w)).to(self.device)
+        latents = self.autoencoder.encode(pixels, generator=generator)
+        embeds = self.image_encoder(pil)
+        return {"img": latents.float(), "clip_img": embeds.to(self.device).float()}
+
+    @torch.no_grad()
+    def decode_images(self, latents: Tensor) -> list[Image.Image]:
+        return to_pil(self.autoencoder.decode(latents).float().cpu())
+
+    @torch.no_grad()
+    def decode_texts(self, text_latents: Tensor) -> list[str]:
+        return self.caption_decoder.generate(text_latents)
+
+    # -- sampling -------------------------------------------------------------------------------
+
+    def _labels(self) -> dict[str, int]:
+        return {m.name: self.data_type for m in self.network.config.labels}
+
+    def _sampling_args(self, steps, guidance_scale, solver, progress, height, width) -> dict:
+        h, w = self._check_size(height, width)
+        callback = None
+        if progress is not None:
+            total = len(official_orders(steps)) if solver == "dpm++3s" else steps  # solver steps
+            callback = lambda i, t, x: progress(i + 1, total)  # noqa: E731
+        return dict(
+            steps=steps, solver=solver, guidance_scale=guidance_scale, callback=callback,
+            labels=self._labels(), sizes={"img": (h // self.downsample, w // self.downsample)},
+        )  # fmt: skip
+
+    def _empty(self, guidance: str, negative_prompt: str | None, batch: int) -> tuple[str, dict | None]:
+        """The guidance mode and the empty-condition text latent for text-conditioned tasks."""
+        if negative_prompt is not None:
+            if guidance not in ("uncond", "empty"):
+                raise ValueError(f"guidance={guidance!r}: expected 'uncond' or 'empty'")
+            return "empty", {"text": self.encode_prompts([negative_prompt]).expand(batch, -1, -1)}
+        if guidance == "empty":
+            return "empty", {"text": self.encode_prompts([""]).expand(batch, -1, -1)}
+        if guidance != "uncond":
+            raise ValueError(
+                f"guidance={guidance!r}: expected 'uncond' (condition absent) or 'empty' (empty prompt)"
+            )
+        return "uncond", None
+
+    def _finish(self, out: dict[str, Tensor], return_latents: bool) -> Output:
+        result = Output(latents={k: v.cpu() for k, v in out.items()} if return_latents else None)
+        if "img" in out:
+            result.images = self.decode_images(out["img"])
+        if "text" in out:
+            result.texts = self.decode_texts(out["text"])
+        return result
+
+    @torch.no_grad()
+    def text_to_image(
+        self,
+        prompts: str | Sequence[str],
+        *,
+        num_samples: int = 1,
+        steps: int = 50,
+        guidance_scale: float = 7.0,
+        guidance: str = "uncond",
+        negative_prompt: str | None = None,
+        seed: int | None = 0,
+        height: int | None = None,
+        width: int | None = None,
+        solver: str = "dpm++3s",
+        return_latents: bool = False,
+        progress: Progress | None = None,
+    ) -> Output:
+        """Images for each prompt (num_samples each, prompt-major order).
+
+        Args:
+            guidance_scale: s in (1 + s) cond - s uncond; the released default is 7.
+            guidance: "uncond" (the text made absent) or "empty" (the empty prompt at t = 0).
+            negative_prompt: a prompt to steer away from (used as the unconditional text).
+            height, width: output pixels, multiples of 16 (the trained size by default).
+        """
+        prompts = _repeat(_check_prompts(prompts, "prompts"), num_samples)
+        gen = _generator(seed)
+        mode, empty = self._empty(guidance, negative_prompt, len(prompts))
+        out = generate(
+            self.network, self.schedule, "t2i", given={"text": self.encode_prompts(prompts)},
+            guidance=mode, empty=empty, generator=gen,
+            **self._sampling_args(steps, guidance_scale, solver, progress, height, width),
+        )  # fmt: skip
+        return self._finish(out, return_latents)
+
+    @torch.no_grad()
+    def image_to_text(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        *,
+        num_samples: int = 1,
+        steps: int = 50,
+        guidance_scale: float = 7.0,
+        seed: int | None = 0,
+        solver: str = "dpm++3s",
+        return_latents: bool = False,
+        progress: Progress | None = None,
+    ) -> Output:
+        """Captions for each image (num_samples each); guidance makes the image absent."""
+        gen = _generator(seed)
+        given = self.encode_images(_repeat(_as_list(images), num_samples), gen)
+        out = generate(
+            self.network, self.schedule, "i2t", given=given, generator=gen,
+            **self._sampling_args(steps, guidance_scale, solver, progress, None, None),
+        )  # fmt: skip
+        return self._finish(out, return_latents)
+
+    @torch.no_grad()
+    def joint(
+        self,
+        num_samples: int = 1,
+        *,
+        steps: int = 50,
+        guidance_scale: float = 7.0,
+        seed: int | None = 0,
+        height: int | None = None,
+        width: int | None = None,
+        solver: str = "dpm++3s",
+        return_latents: bool = False,
+        progress: Progress | None = None,
+    ) -> Output:
+        """Image-caption pairs from the joint distribution."""
+        return self._unconditional(
+            "joint", num_samples, steps, guidance_scale, seed, height, width, solver, return_latents, progress
+        )
+
+    @torch.no_grad()
+    def image(self, num_samples: int = 1, *, steps: int = 50, seed: int | None = 0, height: int | None = None,
+              width: int | None = None, solver: str = "dpm++3s", return_latents: bool = False,
+              progress: Progress | None = None) -> Output:  # fmt: skip
+        """Images from the image marginal (the text absent)."""
+        return self._unconditional(
+            "i", num_samples, steps, 0.0, seed, height, width, solver, return_latents, progress
+        )
+
+    @torch.no_grad()
+    def text(self, num_samples: int = 1, *, steps: int = 50, seed: int | None = 0, solver: str = "dpm++3s",
+             return_latents: bool = False, progress: Progress | None = None) -> Output:  # fmt: skip
+        """Captions from the text marginal (the image absent)."""
+        return self._unconditional(
+            "t", num_samples, steps, 0.0, seed, None, None, solver, return_latents, progress
+        )
+
+    def _unconditional(
+        self, task, num_samples, steps, guidance_scale, seed, height, width, solver, return_latents, progress
+    ):
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples={num_samples!r}: expected an integer >= 1")
+        out = generate(
+            self.network, self.schedule, task, batch_size=num_samples, generator=_generator(seed),
+            **self._sampling_args(steps, guidance_scale, solver, progress, height, width),
+        )  # fmt: skip
+        return self._finish(out, return_latents)
+
+    @torch.no_grad()
+    def image_variation(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        *,
+        num_samples: int = 1,
+        steps: int = 50,
+        guidance_scale: float = 7.0,
+        seed: int | None = 0,
+        solver: str = "dpm++3s",
+        return_latents: bool = False,
+    ) -> Output:
+        """Image -> text latent -> image (i2t2i); the caption latent is passed straight on."""
+        gen = _generator(seed)
+        given = self.encode_images(_repeat(_as_list(images), num_samples), gen)
+        out = generate_chain(
+            self.network, self.schedule, "i2t2i", given=given, generator=gen,
+            **self._sampling_args(steps, guidance_scale, solver, None, None, None),
+        )  # fmt: skip
+        return self._finish(out, return_latents)
+
+    @torch.no_grad()
+    def text_variation(
+        self,
+        prompts: str | Sequence[str],
+        *,
+        num_samples: int = 1,
+        steps: int = 50,
+        guidance_scale: float = 7.0,
+        seed: int | None = 0,
+        solver: str = "dpm++3s",
+        return_latents: bool = False,
+    ) -> Output:
+        """Text -> image latents -> text (t2i2t); the image latents are passed straight on."""
+        prompts = _repeat(_check_prompts(prompts, "prompts"), num_samples)
+        out = generate_chain(
+            self.network, self.schedule, "t2i2t", given={"text": self.encode_prompts(prompts)},
+            generator=_generator(seed), **self._sampling_args(steps, guidance_scale, solver, None, None, None),
+        )  # fmt: skip
+        return self._finish(out, return_latents)
+
+    @torch.no_grad()
+    def hop(
+        self,
+        start: ImageInput | str,
+        *,
+        hops: int = 4,
+        steps: int = 50,
+        guidance_scale: float = 7.0,
+        seed: int | None = 0,
+        solver: str = "dpm++3s",
+    ) -> Output:
+        """Hop between modalities: image -> text -> image ... (or text -> image -> ...), hops times.
+
+        Returns every image and caption produced along the way, in order.
+        """
+        if not isinstance(hops, int) or hops < 1:
+            raise ValueError(f"hops={hops!r}: expected an integer >= 1")
+        gen = _generator(seed)
+        if isinstance(start, str) and not Path(start).exists():
+            given, first = {"text": self.encode_prompts([start])}, "t2i"
+        else:
+            given, first = self.encode_images([start], gen), "i2t"
+        order = [first, "i2t" if first == "t2i" else "t2i"]
+        tasks = [order[i % 2] for i in range(hops)]
+        result = Output()
+
+        def keep(_: int, out: dict[str, Tensor]) -> None:
+            if "img" in out:
+                result.images.extend(self.decode_images(out["img"]))
+            if "text" in out:
+                result.texts.extend(self.decode_texts(out["text"]))
+
+        generate_chain(
+            self.network, self.schedule, tasks, given=given, generator=gen, on_stage=keep,
+            **self._sampling_args(steps, guidance_scale, solver, None, None, None),
+        )  # fmt: skip
+        return result
+
+    @torch.no_grad()
+    def interpolate(
+        self,
+        image_a: ImageInput,
+        image_b: ImageInput,
+        *,
+        frames: int = 5,
+        steps: int = 50,
+        seed: int | None = 0,
+        return_latents: bool = False,
+    ) -> Output:
+        """Images between two real images.
+
+        Both images are captioned (i2t), then inverted to noise with the deterministic DDIM ODE of
+        the text-to-image task conditioned on their own caption latent; the noises are joined by
+        spherical interpolation and the caption latents linearly, and each frame is sampled back
+        with the same ODE (no guidance, which would break the inversion).
+        """
+        if not isinstance(frames, int) or frames < 2:
+            raise ValueError(f"frames={frames!r}: expected an integer >= 2")
+        gen = _generator(seed)
+        images = self.encode_images([image_a, image_b], gen)
+        labels = self._labels()
+        text = generate(
+            self.network, self.schedule, "i2t", given=images, labels=labels, steps=steps, generator=gen
+        )["text"]
+        fn = TaskModel(self.network, self.schedule, TASKS["t2i"], given={"text": text}, labels=labels)
+        grid = time_uniform_grid(steps)  # 1 -> 1e-3
+        noise = fn.layout.unpack(sample_ddim(fn, fn.layout.pack(images), grid.flip(0), self.schedule))
+        weights = torch.linspace(0, 1, frames)
+        x_T = {k: torch.stack([_slerp(v[0], v[1], float(w)) for w in weights]) for k, v in noise.items()}
+        texts = torch.stack([torch.lerp(text[0], text[1], float(w)) for w in weights])
+        back = TaskModel(self.network, self.schedule, TASKS["t2i"], given={"text": texts}, labels=labels)
+        out = back.layout.unpack(sample_ddim(back, back.layout.pack(x_T), grid, self.schedule))
+        return self._finish({"img": out["img"]}, return_latents)
+
+    def __call__(self, mode: str, **kwargs) -> Output:
+        """Dispatch by mode name: t2i, i2t, joint, i, t, i2t2i, t2i2t."""
+        methods = {
+            "t2i": self.text_to_image, "i2t": self.image_to_text, "joint": self.joint, "i": self.image,
+            "t": self.text, "i2t2i": self.image_variation, "t2i2t": self.text_variation,
+        }  # fmt: skip
+        if mode not in methods:
+            raise ValueError(f"mode={mode!r}: expected one of {sorted(methods)}")
+        return methods[mode](**kwargs)
+
+
+def _generator(seed: int | None) -> torch.Generator:
+    gen = torch.Generator()
+    if seed is None:
+        gen.seed()
+    elif not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed={seed!r}: expected a non-negative integer or None")
+    else:
+        gen.manual_seed(seed)
+    return gen
+
+
+def _check_prompts(prompts, name: str) -> list[str]:
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError(f"{name}: expected at least one string")
+    bad = [type(p).__name__ for p in prompts if not isinstance(p, str)]
+    if bad:
+        raise ValueError(f"{name}: expected strings, got {bad[:3]}")
+    return prompts
+
+
+def _as_list(images) -> list:
+    if isinstance(images, (str, Path, Image.Image)):
+        return [images]
+    return list(images)
+
+
+def _repeat(items: list, n: int) -> list:
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"num_samples={n!r}: expected an integer >= 1")
+    return [item for item in items for _ in range(n)]
+
+
+def _slerp(a: Tensor, b: Tensor, w: float) -> Tensor:
+    """Spherical interpolation of two noise tensors (keeps their norm, unlike a straight line)."""
+    cos = ((a * b).sum() / (a.norm() * b.norm())).clamp(-1, 1)
+    theta = torch.arccos(cos)
+    if theta.abs() < 1e-4:
+        return torch.lerp(a, b, w)
+    return (torch.sin((1 - w) * theta) * a + torch.sin(w * theta) * b) / math.sin(float(theta))

@@ -1,0 +1,194 @@
+"""`unidiffuser sample` and `unidiffuser convert`: the pipeline from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+MODES = ("t2i", "i2t", "joint", "i", "t", "i2t2i", "t2i2t")
+NEEDS_PROMPT = ("t2i", "t2i2t")
+NEEDS_IMAGE = ("i2t", "i2t2i")
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename over the target."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(
+            f"unidiffuser sample: --device {name}: no CUDA device is available; use --device cpu"
+        )
+    return torch.device(name)
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    """Run one task of a UniDiffuser model and write its images, captions, a grid and the settings."""
+    import torch
+    from tqdm import tqdm
+
+    from .components.images import make_grid
+    from .pipeline import UniDiffuser
+
+    if args.mode in NEEDS_PROMPT and not args.prompt:
+        raise SystemExit(f"unidiffuser sample: --mode {args.mode} needs at least one --prompt")
+    if args.mode in NEEDS_IMAGE and not args.image:
+        raise SystemExit(f"unidiffuser sample: --mode {args.mode} needs at least one --image")
+    for image in args.image or []:
+        if not Path(image).is_file():
+            raise SystemExit(f"unidiffuser sample: --image {image}: no such file")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    device = _device(args.device)
+    try:
+        pipe = UniDiffuser.from_pretrained(args.model, device=device, dtype=dtype)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"unidiffuser sample: --model {args.model}: {err}") from None
+    pipe.data_type = args.data_type
+
+    bar = tqdm(total=args.steps, desc=args.mode, unit="step", file=sys.stderr)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n if done >= bar.n else done)
+
+    common = dict(num_samples=args.num_samples, steps=args.steps, seed=args.seed, solver=args.solver)
+    size = dict(height=args.height, width=args.width)
+    try:
+        if args.mode == "t2i":
+            out = pipe.text_to_image(
+                args.prompt, guidance_scale=args.guidance, guidance=args.guidance_mode,
+                negative_prompt=args.negative_prompt, progress=progress, **size, **common,
+            )  # fmt: skip
+        elif args.mode == "i2t":
+            out = pipe.image_to_text(args.image, guidance_scale=args.guidance, progress=progress, **common)
+        elif args.mode == "joint":
+            out = pipe.joint(guidance_scale=args.guidance, progress=progress, **size, **common)
+        elif args.mode == "i":
+            out = pipe.image(progress=progress, **size, **common)
+        elif args.mode == "t":
+            out = pipe.text(progress=progress, **common)
+        elif args.mode == "i2t2i":
+            out = pipe.image_variation(args.image, guidance_scale=args.guidance, **common)
+        else:
+            out = pipe.text_variation(args.prompt, guidance_scale=args.guidance, **common)
+    except ValueError as err:
+        raise SystemExit(f"unidiffuser sample: {err}") from None
+    finally:
+        bar.close()
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i, image in enumerate(out.images):
+        path = out_dir / f"{args.mode}_{i:03d}.png"
+        _atomic_write(path, lambda tmp, im=image: im.save(tmp, format="PNG"))
+        files.append(path.name)
+    if out.texts:
+        path = out_dir / f"{args.mode}_captions.txt"
+        _atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(out.texts) + "\n", encoding="utf-8"))
+        files.append(path.name)
+    if out.images:
+        captions = out.texts if len(out.texts) == len(out.images) else None
+        grid = make_grid(out.images, captions)
+        path = out_dir / f"{args.mode}_grid.png"
+        _atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
+        files.append(path.name)
+    settings = {k: v for k, v in vars(args).items() if k != "func"}
+    settings["outputs"] = files
+    settings["captions"] = out.texts
+    path = out_dir / f"{args.mode}_settings.json"
+    _atomic_write(
+        path, lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+    )
+    for text in out.texts:
+        print(text)
+    print(f"wrote {len(files) + 1} files to {out_dir}", file=sys.stderr)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Convert a model directory (release files or diffusers layout) to our format."""
+    import torch
+
+    from .pipeline import UniDiffuser
+
+    try:
+        pipe = UniDiffuser.from_pretrained(args.src, device="cpu", dtype=torch.float32)
+        pipe.save_pretrained(args.dst)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        raise SystemExit(f"unidiffuser convert: {err}") from None
+    print(f"wrote {args.dst}")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = sub.add_parser(
+        "sample", help="run a task of a model and write images, captions and settings",
+        description=cmd_sample.__doc__, formatter_class=fmt,
+    )  # fmt: skip
+    p.add_argument(
+        "--model", required=True, help="model directory (ours, the release files, or diffusers layout)"
+    )
+    p.add_argument(
+        "--mode", choices=MODES, default="t2i", help="task: text to image, image to text, joint, ..."
+    )
+    p.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
+    p.add_argument("--image", action="append", help="an image file (repeat for several)")
+    p.add_argument("-n", "--num-samples", type=_positive_int, default=1, help="samples per prompt or image")
+    p.add_argument("--steps", type=_positive_int, default=50, help="model evaluations of the solver")
+    p.add_argument("--guidance", type=_nonnegative_float, default=7.0, help="guidance scale s")
+    p.add_argument(
+        "--guidance-mode", choices=("uncond", "empty"), default="uncond",
+        help="unconditional term: the condition absent, or the empty prompt (t2i)",
+    )  # fmt: skip
+    p.add_argument("--negative-prompt", default=None, help="a prompt to steer away from (t2i)")
+    p.add_argument("--seed", type=int, default=0, help="seed of all noise")
+    p.add_argument(
+        "--height", type=_positive_int, default=None, help="image height in pixels (multiple of 16)"
+    )
+    p.add_argument("--width", type=_positive_int, default=None, help="image width in pixels (multiple of 16)")
+    p.add_argument("--solver", choices=("dpm++3s", "dpm++2m", "ddim"), default="dpm++3s", help="ODE solver")
+    p.add_argument("--data-type", type=int, choices=(0, 1), default=1, help="v1 data_type: 1 curated, 0 web")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="weights dtype")
+    p.add_argument("--out", default="samples", help="output folder")
+    p.set_defaults(func=cmd_sample)
+
+    c = sub.add_parser(
+        "convert", help="convert release files or a diffusers layout to our format",
+        description=cmd_convert.__doc__, formatter_class=fmt,
+    )  # fmt: skip
+    c.add_argument("src", help="source model directory")
+    c.add_argument("dst", help="destination directory (must not exist)")
+    c.set_defaults(func=cmd_convert)
