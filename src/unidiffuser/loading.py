@@ -13,7 +13,10 @@ Our format (written by ``save_pipeline``, read by ``load_pipeline``), one direct
 The release files (thu-ml/unidiffuser), in one directory: ``uvit_v1.pth`` or ``uvit_v0.pth``,
 ``autoencoder_kl.pth``, ``caption_decoder.pth``, and three standard folders downloaded beforehand:
 ``clip-vit-base-patch32/`` (openai/clip-vit-base-patch32), ``clip-vit-large-patch14/``
-(openai/clip-vit-large-patch14) and ``gpt2/`` (the GPT-2 tokenizer files).
+(openai/clip-vit-large-patch14) and ``gpt2/`` (the GPT-2 tokenizer files). The released
+architectures are assumed; a ``release_config.json`` beside the files may describe others
+({"uvit": released keyword arguments, "autoencoder": ..., "caption_decoder": ...}), which is how
+tests and fine-tuning build small checkpoints in the released format.
 
 The diffusers layout (the Hub repository thu-ml/unidiffuser-v1): folders ``unet``, ``vae``,
 ``text_encoder``, ``clip_tokenizer``, ``image_encoder``, ``text_decoder``, ``text_tokenizer``, read
@@ -34,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from .network import PRESETS, UViT, UViTConfig
 from .official import (
     config_from_diffusers,
+    config_from_official,
     from_diffusers_keys,
     load_official_state_dict,
     load_state_dict_strict,
@@ -121,9 +125,9 @@ def _load_ours(path: Path):
     tokenizer = _load_tokenizer(_require(path / "caption_tokenizer", "caption tokenizer"))
     decoder = CaptionDecoder.from_state_dict(
         read_weights(_require(path / "caption_decoder.safetensors", "caption decoder weights")),
-        CaptionDecoderConfig(**meta["caption_decoder"]),
+        CaptionDecoderConfig.from_dict(meta["caption_decoder"]),
         tokenizer,
-    )
+    ).frozen()
     return UniDiffuser(
         network, autoencoder, image_encoder, text_encoder, decoder, data_type=int(meta.get("data_type", 1))
     )
@@ -184,14 +188,20 @@ def _load_tokenizer(path: Path):
 def _load_release(path: Path):
     from .components.autoencoder import SD_KL_F8, ImageAutoencoder
     from .components.caption import CaptionDecoder, CaptionDecoderConfig
+    from .components.caption import preset as caption_preset
     from .components.clip import ClipImageEmbedder, ClipTextEncoder
     from .pipeline import UniDiffuser
 
     version = "v1" if (path / "uvit_v1.pth").exists() else "v0"
-    network = UViT(PRESETS[f"unidiffuser-{version}"])
+    custom = {}
+    if (path / "release_config.json").exists():
+        custom = json.loads((path / "release_config.json").read_text())
+    config = config_from_official(custom["uvit"]) if "uvit" in custom else PRESETS[f"unidiffuser-{version}"]
+    network = UViT(config)
     load_official_state_dict(network, read_weights(path / f"uvit_{version}.pth"))
     autoencoder = ImageAutoencoder.from_ldm_state_dict(
-        read_weights(_require(path / "autoencoder_kl.pth", "autoencoder_kl.pth")), SD_KL_F8
+        read_weights(_require(path / "autoencoder_kl.pth", "autoencoder_kl.pth")),
+        custom.get("autoencoder", SD_KL_F8),
     )
     image_encoder = ClipImageEmbedder.from_pretrained_dir(
         _require(path / "clip-vit-base-patch32", "CLIP ViT-B/32 folder")
@@ -199,13 +209,25 @@ def _load_release(path: Path):
     text_encoder = ClipTextEncoder.from_pretrained_dir(
         _require(path / "clip-vit-large-patch14", "CLIP ViT-L/14 folder")
     )
-    tokenizer = _load_tokenizer(_require(path / "gpt2", "GPT-2 tokenizer folder"))
-    decoder = CaptionDecoder.from_official_state_dict(
-        read_weights(_require(path / "caption_decoder.pth", "caption_decoder.pth")),
-        CaptionDecoderConfig.released(),
-        tokenizer,
+    tokenizer = _with_eos(_load_tokenizer(_require(path / "gpt2", "GPT-2 tokenizer folder")))
+    decoder_config = (
+        CaptionDecoderConfig.from_dict(custom["caption_decoder"])
+        if "caption_decoder" in custom
+        else caption_preset("released")
     )
-    return UniDiffuser(network, autoencoder, image_encoder, text_encoder, decoder, data_type=1)
+    decoder = CaptionDecoder.from_official_state_dict(
+        read_weights(_require(path / "caption_decoder.pth", "caption_decoder.pth")), decoder_config, tokenizer
+    )
+    return UniDiffuser(network, autoencoder, image_encoder, text_encoder, decoder.frozen(), data_type=1)
+
+
+def _with_eos(tokenizer):
+    """GPT-2's tokenizer as released for captions: '<|EOS|>' added as its eos token."""
+    from .components.caption import EOS_TOKEN
+
+    if EOS_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"eos_token": EOS_TOKEN})
+    return tokenizer
 
 
 # -- the diffusers layout -----------------------------------------------------------------------
@@ -242,8 +264,18 @@ def _load_diffusers(path: Path):
         tokenizer_path=_require(path / "clip_tokenizer", "CLIP tokenizer"),
     )
     dec_cfg = json.loads(_require(path / "text_decoder" / "config.json", "text decoder config").read_text())
-    tokenizer = _load_tokenizer(_require(path / "text_tokenizer", "GPT-2 tokenizer"))
-    decoder = CaptionDecoder.from_diffusers_state_dict(
-        _diffusers_weights(path / "text_decoder"), CaptionDecoderConfig.from_diffusers(dec_cfg), tokenizer
+    tokenizer = _with_eos(_load_tokenizer(_require(path / "text_tokenizer", "GPT-2 tokenizer")))
+    config = CaptionDecoderConfig(
+        prefix_dim=int(dec_cfg["prefix_hidden_dim"]),
+        feature_dim=int(dec_cfg["prefix_inner_dim"]),
+        gpt2={k: int(dec_cfg[k]) for k in ("n_embd", "n_layer", "n_head", "vocab_size", "n_positions")},
     )
-    return UniDiffuser(network, autoencoder, image_encoder, text_encoder, decoder, data_type=1)
+    # diffusers' UniDiffuserTextDecoder names its GPT2LMHeadModel "transformer"; ours is "gpt"
+    weights = {
+        ("gpt." + k[len("transformer.") :] if k.startswith("transformer.") else k): v
+        for k, v in _diffusers_weights(path / "text_decoder").items()
+    }
+    weights.pop("gpt.lm_head.weight", None)  # tied to the token embedding
+    weights = {k: v for k, v in weights.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    decoder = CaptionDecoder.from_state_dict(weights, config, tokenizer)
+    return UniDiffuser(network, autoencoder, image_encoder, text_encoder, decoder.frozen(), data_type=1)
