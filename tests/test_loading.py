@@ -1,0 +1,195 @@
+"""Whole models on disk: our format, the release files, the diffusers layout, convert and sample."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_autoencoder import diffusers_to_ldm
+
+from unidiffuser.cli import main
+from unidiffuser.components.autoencoder import TINY
+from unidiffuser.components.caption import preset as caption_preset
+from unidiffuser.official import to_diffusers_keys, to_official_keys
+from unidiffuser.pipeline import UniDiffuser
+from unidiffuser.tiny import tiny_pipeline
+
+OFFICIAL_KWARGS = {
+    "img_size": 8, "in_chans": 4, "patch_size": 2, "embed_dim": 32, "depth": 2, "num_heads": 2,
+    "mlp_ratio": 4, "qkv_bias": False, "mlp_time_embed": False, "text_dim": 8, "num_text_tokens": 77,
+    "clip_img_dim": 16,
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline(seed=1)
+
+
+@pytest.fixture(scope="module")
+def image():
+    return Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype("uint8"))
+
+
+def fingerprint(pipe, image):
+    """Outputs that depend on every component: t2i latents, decoded pixels, i2t captions."""
+    t2i = pipe.text_to_image("a red circle", steps=3, seed=2, return_latents=True)
+    i2t = pipe.image_to_text(image, steps=3, seed=2, return_latents=True)
+    return t2i.latents["img"], np.asarray(t2i.images[0]), i2t.latents["text"], i2t.texts
+
+
+def assert_same(a, b):
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and torch.equal(a[2], b[2]) and a[3] == b[3]
+
+
+@pytest.fixture(scope="module")
+def release_dir(pipe, tmp_path_factory):
+    """A tiny model written exactly as the release files are laid out."""
+    d = tmp_path_factory.mktemp("release")
+    torch.save(to_official_keys(pipe.network.state_dict()), d / "uvit_v1.pth")
+    torch.save(
+        diffusers_to_ldm(pipe.autoencoder.vae.state_dict(), len(TINY.block_out_channels)),
+        d / "autoencoder_kl.pth",
+    )
+    decoder = pipe.caption_decoder
+    weights = dict(decoder.state_dict_for_saving())
+    weights["gpt.lm_head.weight"] = weights["gpt.transformer.wte.weight"]  # the release stores the tied copy
+    torch.save({f"module.{k}": v for k, v in weights.items()}, d / "caption_decoder.pth")
+    pipe.image_encoder.save_pretrained(d / "clip-vit-base-patch32")
+    pipe.text_encoder.save_pretrained(d / "clip-vit-large-patch14")
+    decoder.tokenizer.save_pretrained(str(d / "gpt2"))
+    config = {
+        "uvit": OFFICIAL_KWARGS,
+        "autoencoder": TINY.to_dict(),
+        "caption_decoder": caption_preset("tiny").to_dict(),
+    }
+    (d / "release_config.json").write_text(json.dumps(config))
+    return d
+
+
+def test_our_format_round_trip(pipe, image, tmp_path):
+    pipe.save_pretrained(tmp_path / "model")
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == [
+        "autoencoder.safetensors", "caption_decoder.safetensors", "caption_tokenizer", "image_encoder",
+        "network.safetensors", "text_encoder", "unidiffuser.json",
+    ]  # fmt: skip
+    assert not list(tmp_path.glob(".model.tmp-*"))  # written to a temp dir, then renamed
+    again = UniDiffuser.from_pretrained(tmp_path / "model")
+    assert_same(fingerprint(pipe, image), fingerprint(again, image))
+    with pytest.raises(FileExistsError, match="exists; choose a new directory"):
+        pipe.save_pretrained(tmp_path / "model")
+
+
+def test_release_files_load_to_the_same_model(pipe, image, release_dir):
+    loaded = UniDiffuser.from_pretrained(release_dir)
+    assert_same(fingerprint(pipe, image), fingerprint(loaded, image))
+
+
+def test_diffusers_layout_loads_to_the_same_model(pipe, image, tmp_path):
+    from diffusers.pipelines.deprecated.unidiffuser.modeling_text_decoder import UniDiffuserTextDecoder
+    from diffusers.pipelines.deprecated.unidiffuser.modeling_uvit import UniDiffuserModel
+
+    d = tmp_path / "hub"
+    unet = UniDiffuserModel(
+        text_dim=8, clip_img_dim=16, num_text_tokens=77, num_attention_heads=2, attention_head_dim=16,
+        in_channels=4, out_channels=4, num_layers=2, sample_size=8, patch_size=2, activation_fn="gelu",
+        norm_type="layer_norm", block_type="unidiffuser", pre_layer_norm=False, use_data_type_embedding=True,
+        ff_final_dropout=True,
+    )  # fmt: skip
+    unet.load_state_dict(to_diffusers_keys(pipe.network.state_dict()), strict=True)
+    unet.save_pretrained(d / "unet")
+    pipe.autoencoder.vae.save_pretrained(d / "vae")
+    pipe.image_encoder.save_pretrained(d / "image_encoder")
+    pipe.text_encoder.model.save_pretrained(d / "text_encoder")
+    pipe.text_encoder.tokenizer.save_pretrained(d / "clip_tokenizer")
+    cfg = caption_preset("tiny")
+    decoder = UniDiffuserTextDecoder(
+        prefix_length=77, prefix_inner_dim=cfg.feature_dim, prefix_hidden_dim=cfg.prefix_dim,
+        vocab_size=cfg.vocab_size, n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.gpt2["n_layer"],
+        n_head=cfg.gpt2["n_head"],
+    )  # fmt: skip
+    ours = pipe.caption_decoder.state_dict_for_saving()
+    missing, unexpected = decoder.load_state_dict(
+        {("transformer." + k[4:] if k.startswith("gpt.") else k): v for k, v in ours.items()}, strict=False
+    )
+    assert unexpected == [] and set(missing) <= {"transformer.lm_head.weight"}
+    decoder.save_pretrained(d / "text_decoder", safe_serialization=False)  # tied weights: a pickle
+    pipe.caption_decoder.tokenizer.save_pretrained(str(d / "text_tokenizer"))
+    loaded = UniDiffuser.from_pretrained(d)
+    assert_same(fingerprint(pipe, image), fingerprint(loaded, image))
+
+
+def test_convert_then_sample_from_the_command_line(release_dir, image, tmp_path, capsys):
+    assert main(["convert", str(release_dir), str(tmp_path / "ours")]) == 0
+    picture = tmp_path / "in.png"
+    image.save(picture)
+    out = tmp_path / "samples"
+    assert main(["sample", "--model", str(tmp_path / "ours"), "--mode", "t2i", "--prompt", "a cat", "--prompt", "a dog",
+                 "-n", "2", "--steps", "3", "--out", str(out)]) == 0  # fmt: skip
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [f"t2i_00{i}.png" for i in range(4)] + ["t2i_grid.png", "t2i_settings.json"]
+    settings = json.loads((out / "t2i_settings.json").read_text())
+    assert settings["prompt"] == ["a cat", "a dog"] and settings["steps"] == 3 and settings["guidance"] == 7.0
+    assert (
+        main(
+            [
+                "sample",
+                "--model",
+                str(tmp_path / "ours"),
+                "--mode",
+                "i2t",
+                "--image",
+                str(picture),
+                "--steps",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    captions = (out / "i2t_captions.txt").read_text(encoding="utf-8").splitlines()
+    assert len(captions) == 1 and captions[0] in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--mode", "t2i"], "--mode t2i needs at least one --prompt"),
+        (["--mode", "i2t"], "--mode i2t needs at least one --image"),
+        (["--mode", "i2t", "--image", "missing.png"], "--image missing.png: no such file"),
+    ],
+)
+def test_sample_argument_errors(release_dir, args, message):
+    with pytest.raises(SystemExit, match=message):
+        main(["sample", "--model", str(release_dir), *args])
+
+
+def test_loading_errors(release_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="model directory not found"):
+        UniDiffuser.from_pretrained(tmp_path / "nothing")
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "weights.bin").write_bytes(b"0")
+    with pytest.raises(ValueError, match=r"holds none of the known layouts.*weights\.bin"):
+        UniDiffuser.from_pretrained(tmp_path / "odd")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for p in Path(release_dir).iterdir():
+        (broken / p.name).symlink_to(p)
+    (broken / "uvit_v1.pth").unlink()
+    (broken / "uvit_v1.pth").write_bytes((release_dir / "uvit_v1.pth").read_bytes()[:1000])  # truncated
+    with pytest.raises(ValueError, match=r"cannot read weights from .*uvit_v1\.pth"):
+        UniDiffuser.from_pretrained(broken)
+    (broken / "uvit_v1.pth").unlink()
+    (broken / "uvit_v1.pth").symlink_to(release_dir / "uvit_v1.pth")
+    (broken / "autoencoder_kl.pth").unlink()
+    with pytest.raises(
+        FileNotFoundError, match=r"missing autoencoder_kl\.pth.*huggingface\.co/thu-ml/unidiffuser-v1"
+    ):
+        UniDiffuser.from_pretrained(broken)
+    (broken / "autoencoder_kl.pth").symlink_to(release_dir / "autoencoder_kl.pth")
+    (broken / "release_config.json").unlink()  # now the released v1 architecture is assumed
+    with pytest.raises(ValueError, match="released UniDiffuser"):
+        UniDiffuser.from_pretrained(broken)
