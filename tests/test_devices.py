@@ -97,3 +97,18 @@ def test_released_parity_on_cuda(official):
             {"image": t["t_img"], "text": t["t_text"]},
         )
     assert rel(out["img"], t["out_img"]) < 1e-5 and rel(out["text"], t["out_text"]) < 1e-5
+
+
+def test_pipeline_on_cuda_matches_cpu():
+    """The whole pipeline on the GPU gives the CPU's latents for the same seed (fp32)."""
+    from unidiffuser.tiny import tiny_pipeline
+
+    cpu = tiny_pipeline(seed=0)
+    gpu = tiny_pipeline(seed=0).to("cuda")
+    a = cpu.text_to_image("a red circle", steps=5, return_latents=True)
+    b = gpu.text_to_image("a red circle", steps=5, return_latents=True)
+    assert rel(b.latents["img"], a.latents["img"]) < 1e-3
+    c = cpu.image_to_text(a.images[0], steps=5, return_latents=True)
+    d = gpu.image_to_text(a.images[0], steps=5, return_latents=True)
+    assert rel(d.latents["text"], c.latents["text"]) < 1e-3
+    assert len(d.texts) == 1
