@@ -45,6 +45,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     from .components.images import make_grid
     from .pipeline import UniDiffuser
+    from .solvers import official_orders
 
     if args.mode in NEEDS_PROMPT and not args.prompt:
         raise SystemExit(f"unidiffuser sample: --mode {args.mode} needs at least one --prompt")
@@ -61,11 +62,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise SystemExit(f"unidiffuser sample: --model {args.model}: {err}") from None
     pipe.data_type = args.data_type
 
-    bar = tqdm(total=args.steps, desc=args.mode, unit="step", file=sys.stderr)
+    solver_steps = len(official_orders(args.steps)) if args.solver == "dpm++3s" else args.steps
+    bar = tqdm(total=solver_steps, desc=args.mode, unit="step", file=sys.stderr)
 
     def progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.update(done - bar.n if done >= bar.n else done)
+        bar.update(done - bar.n)
 
     common = dict(num_samples=args.num_samples, steps=args.steps, seed=args.seed, solver=args.solver)
     size = dict(height=args.height, width=args.width)
