@@ -128,6 +128,10 @@ def train_toy(
 ) -> UViT:
     """Train a small U-ViT on the world with the UniDiffuser loss (stops at steps or seconds).
 
+    A deliberately minimal loop (in memory: no accelerate, checkpoints or EMA) for the demo's
+    one-minute budget and the learning tests; ``unidiffuser train --model toy --data toy`` trains
+    the same world with the full trainer.
+
     The learning rate decays linearly to zero over ``steps``; with a time budget the schedule
     follows the elapsed fraction of it instead. Returns the model in eval mode.
     """
