@@ -9,7 +9,11 @@ import time
 
 # Modules that add their own subcommands: each defines register(subparsers) and keeps its heavy
 # imports inside the command functions, so that `unidiffuser --help` stays fast.
-COMMAND_MODULES: tuple[str, ...] = ("unidiffuser.sample_cli", "unidiffuser.training.cli")
+COMMAND_MODULES: tuple[str, ...] = (
+    "unidiffuser.sample_cli",
+    "unidiffuser.training.cli",
+    "unidiffuser.extract",
+)
 
 
 def _positive_int(text: str) -> int:
