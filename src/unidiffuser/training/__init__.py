@@ -1,4 +1,5 @@
-"""Training: ``TrainConfig`` -> ``train`` on accelerate, feature shards, atomic checkpoints.
+"""Training: ``TrainConfig`` -> ``train`` on accelerate, feature shards, atomic checkpoints;
+fine-tuning from released weights.
 
 ``train`` and ``TrainResult`` are imported on first use (they bring in accelerate), so that
 ``unidiffuser --help`` stays fast.
@@ -10,11 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 from .checkpoint import (
     Checkpoint,
+    PretrainedSource,
     find_checkpoints,
     latest_checkpoint,
     load_network_weights,
     load_training_state,
     load_weights,
+    pretrained_source,
     save_checkpoint,
 )
 from .config import TrainConfig, load_config
@@ -27,6 +30,7 @@ __all__ = [
     "Checkpoint",
     "DataStream",
     "FeatureShards",
+    "PretrainedSource",
     "ToyExamples",
     "TrainConfig",
     "TrainResult",
@@ -36,6 +40,7 @@ __all__ = [
     "load_network_weights",
     "load_training_state",
     "load_weights",
+    "pretrained_source",
     "sample_latent",
     "save_checkpoint",
     "train",

@@ -13,18 +13,24 @@ A checkpoint is written into ``step_000123.tmp-XXXX`` and renamed to its final n
 file, state.json last, is on disk, so a run killed at any moment leaves either a complete
 checkpoint or a temporary directory that ``find_checkpoints`` reports and resuming ignores.
 Pruning renames a directory out of the ``step_N`` pattern before deleting it, so a crash while
-deleting never leaves a half-deleted "complete" checkpoint either.
+deleting never leaves a half-deleted "complete" checkpoint either. ``write_checkpoint`` does this
+for any set of files (the caption decoder's stage writes its own checkpoints with it).
+
+Fine-tuning starts from weights in any of the forms ``pretrained_source`` recognises: our
+checkpoints and run directories, a safetensors state dict under our names, the released
+``uvit_v1.pth`` / ``uvit_v0.pth``, and model directories in the three layouts of ``loading.py``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +40,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ..network import UViTConfig
+from ..network import PRESETS, UViTConfig
 
 FORMAT = "unidiffuser.train-checkpoint"
 FORMAT_VERSION = 1
@@ -110,6 +116,74 @@ def _write_training_state(path: Path, training: Mapping[str, Any]) -> None:
     torch.save(dict(training), path)
 
 
+def write_checkpoint(
+    directory: str | Path,
+    step: int,
+    write_files: Callable[[Path], None],
+    state: Mapping[str, Any],
+    *,
+    kind: str = FORMAT,
+    keep_last: int | None = None,
+) -> Path:
+    """Write ``directory/step_N`` atomically and prune to the newest ``keep_last`` checkpoints.
+
+    Args:
+        directory: the folder of checkpoints (created if missing).
+        step: the step the checkpoint is at.
+        write_files: fills the temporary directory it is given with the checkpoint's files.
+        state: JSON-ready description stored in state.json; format, version, step, the size of
+            every file and the time are added.
+        kind: the format name in state.json (what ``read_checkpoint`` expects back).
+        keep_last: delete older complete checkpoints of this kind beyond this many; None keeps all.
+
+    Returns:
+        The final checkpoint directory.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    name = checkpoint_name(step)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{name}.tmp-", dir=directory))
+    set_default_permissions(tmp)
+    try:
+        write_files(tmp)
+        files = {}
+        for f in sorted(p for p in tmp.rglob("*") if p.name != STATE_FILE):
+            set_default_permissions(f)
+            if f.is_file():
+                files[f.relative_to(tmp).as_posix()] = f.stat().st_size
+                _fsync(f)
+        full_state = {
+            "format": kind,
+            "version": FORMAT_VERSION,
+            "step": step,
+            **state,
+            "files": files,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        (tmp / STATE_FILE).write_text(json.dumps(full_state, indent=2) + "\n")  # the completion marker
+        _fsync(tmp / STATE_FILE)
+        _fsync(tmp)
+        replace_directory(tmp, directory / name)
+        _fsync(directory)
+    except Exception:
+        shutil.rmtree(tmp, ignore_errors=True)  # an ordinary failure cleans up; a kill leaves tmp
+        raise
+    if keep_last is not None:
+        prune_checkpoints(directory, keep_last, kind=kind)
+    return directory / name
+
+
+def replace_directory(tmp: Path, final: Path) -> None:
+    """Rename a finished temporary directory to its final name, retiring an old one of that name."""
+    if final.exists():  # the same step saved again (e.g. a rerun): retire the old one first
+        old = Path(tempfile.mkdtemp(prefix=f"{final.name}.old-", dir=final.parent))
+        os.rename(final, old / final.name)
+        os.rename(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, final)
+
+
 def save_checkpoint(
     directory: str | Path,
     step: int,
@@ -135,55 +209,19 @@ def save_checkpoint(
     Returns:
         The final checkpoint directory.
     """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    name = checkpoint_name(step)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{name}.tmp-", dir=directory))
-    set_default_permissions(tmp)
-    try:
-        meta = {
-            "format": FORMAT,
-            "step": str(step),
-            "model_config": json.dumps(state["model_config"]),
-        }
+    meta = {"format": FORMAT, "step": str(step), "model_config": json.dumps(state["model_config"])}
+
+    def write_files(tmp: Path) -> None:
         _write_weights(tmp / MODEL_FILE, model, {**meta, "weights": "raw"})
         _write_weights(tmp / EMA_FILE, ema, {**meta, "weights": "ema"})
         _write_training_state(tmp / OPTIMIZER_FILE, training)
-        files = {f: (tmp / f).stat().st_size for f in (MODEL_FILE, EMA_FILE, OPTIMIZER_FILE)}
-        full_state = {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "step": step,
-            **state,
-            "files": files,
-            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        for f in files:
-            set_default_permissions(tmp / f)
-            _fsync(tmp / f)
-        (tmp / STATE_FILE).write_text(json.dumps(full_state, indent=2) + "\n")  # the completion marker
-        _fsync(tmp / STATE_FILE)
-        _fsync(tmp)
-        final = directory / name
-        if final.exists():  # the same step saved again (e.g. a rerun): retire the old one first
-            old = Path(tempfile.mkdtemp(prefix=f"{name}.old-", dir=directory))
-            os.rename(final, old / name)
-            os.rename(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, final)
-        _fsync(directory)
-    except Exception:
-        shutil.rmtree(tmp, ignore_errors=True)  # an ordinary failure cleans up; a kill leaves tmp
-        raise
-    if keep_last is not None:
-        prune_checkpoints(directory, keep_last)
-    return final
+
+    return write_checkpoint(directory, step, write_files, state, keep_last=keep_last)
 
 
-def prune_checkpoints(directory: str | Path, keep_last: int) -> list[Path]:
+def prune_checkpoints(directory: str | Path, keep_last: int, *, kind: str = FORMAT) -> list[Path]:
     """Delete all but the newest ``keep_last`` complete checkpoints; return the deleted paths."""
-    complete, _ = find_checkpoints(directory)
+    complete, _ = find_checkpoints(directory, kind=kind)
     removed = []
     for ckpt in complete[: max(0, len(complete) - keep_last)]:
         doomed = ckpt.path.with_name(f"{ckpt.path.name}.deleting")
@@ -197,7 +235,7 @@ def prune_checkpoints(directory: str | Path, keep_last: int) -> list[Path]:
 # Reading
 
 
-def read_checkpoint(path: str | Path) -> Checkpoint:
+def read_checkpoint(path: str | Path, *, kind: str = FORMAT) -> Checkpoint:
     """Validate one checkpoint directory; raises ValueError naming what is missing."""
     path = Path(path)
     match = STEP_DIR.match(path.name)
@@ -208,8 +246,8 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         state = json.loads(state_file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: {STATE_FILE} is not valid JSON ({e})") from None
-    if state.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {state.get('format')!r}, expected {FORMAT!r}")
+    if state.get("format") != kind:
+        raise ValueError(f"{path}: format {state.get('format')!r}, expected {kind!r}")
     if state.get("version") != FORMAT_VERSION:
         raise ValueError(f"{path}: format version {state.get('version')!r}; this code reads {FORMAT_VERSION}")
     if match and int(match.group(1)) != state.get("step"):
@@ -221,7 +259,9 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(path=path, step=int(state["step"]), state=state)
 
 
-def find_checkpoints(directory: str | Path) -> tuple[list[Checkpoint], list[tuple[Path, str]]]:
+def find_checkpoints(
+    directory: str | Path, *, kind: str = FORMAT
+) -> tuple[list[Checkpoint], list[tuple[Path, str]]]:
     """Complete checkpoints sorted by step, and (path, reason) of incomplete or temporary ones."""
     directory = Path(directory)
     complete, incomplete = [], []
@@ -234,16 +274,16 @@ def find_checkpoints(directory: str | Path) -> tuple[list[Checkpoint], list[tupl
             incomplete.append((path, "temporary directory of an interrupted write or deletion"))
             continue
         try:
-            complete.append(read_checkpoint(path))
+            complete.append(read_checkpoint(path, kind=kind))
         except ValueError as e:
             incomplete.append((path, str(e)))
     complete.sort(key=lambda c: c.step)
     return complete, incomplete
 
 
-def latest_checkpoint(directory: str | Path) -> Checkpoint | None:
+def latest_checkpoint(directory: str | Path, *, kind: str = FORMAT) -> Checkpoint | None:
     """The newest complete checkpoint in ``directory``, or None."""
-    complete, _ = find_checkpoints(directory)
+    complete, _ = find_checkpoints(directory, kind=kind)
     return complete[-1] if complete else None
 
 
@@ -261,32 +301,163 @@ def load_weights(checkpoint: Checkpoint | str | Path, which: str = "ema") -> dic
     return load_file(str(path / (EMA_FILE if which == "ema" else MODEL_FILE)))
 
 
-def load_network_weights(path: str | Path) -> dict[str, Tensor]:
-    """The weights to start a fine-tuning run from, as a state dict under our names.
+# ---------------------------------------------------------------------------------------------
+# Weights to fine-tune from
 
-    The hook for other formats (the released checkpoints come later): for now one of our
-    checkpoint directories (its EMA weights, the ones meant for sampling) or a plain .safetensors
-    state dict under our names.
+RELEASE_FILES = ("uvit_v1.pth", "uvit_v0.pth")  # in the order the release directory is read
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+INIT_FROM_FORMS = (
+    "a checkpoint step_N directory or a run directory, a .safetensors state dict under our names, a "
+    "released uvit_v1.pth/uvit_v0.pth, or a model directory (ours: unidiffuser.json; the release "
+    "files: uvit_v*.pth; diffusers: unet/)"
+)
+
+
+@dataclass(frozen=True)
+class PretrainedSource:
+    """Network weights to start from, as found on disk (nothing but configs read yet).
+
+    Attributes:
+        path: the path given.
+        description: what it is, for messages ("the release file uvit_v1.pth", ...).
+        weights: the file (or, for diffusers, the unet folder) holding the weights.
+        names: their naming: "ours", "official" (the release files) or "diffusers".
+        config: the architecture stored with them, or None when the source does not say.
+    """
+
+    path: Path
+    description: str
+    weights: Path
+    names: str
+    config: UViTConfig | None
+
+    def load(self) -> dict[str, Tensor]:
+        """The weights as a state dict under our names (pickles read with weights_only=True)."""
+        from ..loading import _diffusers_weights, read_weights
+        from ..official import from_diffusers_keys, from_official_keys
+
+        if self.names == "diffusers":
+            return from_diffusers_keys(_diffusers_weights(self.weights))
+        weights = read_weights(self.weights)
+        return from_official_keys(weights) if self.names == "official" else weights
+
+
+def pretrained_source(path: str | Path) -> PretrainedSource:
+    """Recognise what ``init_from`` names and read its architecture; the weights stay on disk.
+
+    Args:
+        path: one of the forms in ``INIT_FROM_FORMS``.
+
+    Returns:
+        Where the weights are, how they are named and, where the source says, the architecture.
     """
     path = Path(path)
     if path.is_dir():
-        return load_weights(read_checkpoint(path), "ema")
-    if path.suffix == ".safetensors" and path.is_file():
-        return load_file(str(path))
+        return _directory_source(path)
+    if path.is_file() and path.suffix == ".safetensors":
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        config = UViTConfig.from_dict(json.loads(meta["model_config"])) if "model_config" in meta else None
+        return PretrainedSource(path, f"the state dict {path.name}", path, "ours", config)
+    if path.is_file() and path.suffix in PICKLE_SUFFIXES:
+        return _release_source(path, path)
+    problem = "not found" if not path.exists() else "of an unknown kind"
     raise ValueError(
-        f"init_from = {str(path)!r}: not a checkpoint directory or a .safetensors file; give a "
-        "step_N directory of a run, or a state dict saved with safetensors under our names"
+        f"init_from = {str(path)!r}: {problem}: not a checkpoint directory or a .safetensors file, a "
+        f"released uvit_v*.pth or a model directory; give {INIT_FROM_FORMS}"
     )
 
 
+def _directory_source(path: Path) -> PretrainedSource:
+    from ..loading import FORMAT as MODEL_FORMAT
+    from ..official import config_from_diffusers
+
+    if (path / STATE_FILE).is_file():  # one of our checkpoints: its EMA, the weights to sample with
+        ckpt = read_checkpoint(path)
+        return PretrainedSource(
+            path, f"the EMA of checkpoint {path.name}", path / EMA_FILE, "ours", ckpt.model_config
+        )
+    if (path / "checkpoints").is_dir():  # a run directory: its newest complete checkpoint
+        newest = latest_checkpoint(path / "checkpoints")
+        if newest is None:
+            raise ValueError(f"init_from = {str(path)!r}: a run directory without a complete checkpoint")
+        source = _directory_source(newest.path)
+        return dataclasses.replace(source, path=path, description=f"{source.description} of run {path.name}")
+    if (path / "unidiffuser.json").is_file():  # our model format
+        meta = json.loads((path / "unidiffuser.json").read_text())
+        if meta.get("format") != MODEL_FORMAT:
+            raise ValueError(f"init_from = {str(path)!r}: unidiffuser.json has format {meta.get('format')!r}")
+        config = UViTConfig.from_dict(meta["network"])
+        return PretrainedSource(path, f"the model {path.name}", path / "network.safetensors", "ours", config)
+    for name in RELEASE_FILES:
+        if (path / name).is_file():
+            return _release_source(path, path / name)
+    unet = path / "unet" if (path / "unet").is_dir() else path
+    if (unet / "config.json").is_file():
+        cfg = json.loads((unet / "config.json").read_text())
+        if cfg.get("_class_name") == "UniDiffuserModel" or unet != path:
+            return PretrainedSource(
+                path,
+                f"the diffusers UniDiffuserModel in {unet}",
+                unet,
+                "diffusers",
+                config_from_diffusers(cfg),
+            )
+    found = sorted(p.name for p in path.iterdir())[:12]
+    raise ValueError(
+        f"init_from = {str(path)!r}: a directory of none of the known forms (found {found}); give {INIT_FROM_FORMS}"
+    )
+
+
+def _release_source(path: Path, file: Path) -> PretrainedSource:
+    """A released network file: its architecture from release_config.json beside it (as
+    ``loading.py`` reads it), else from its name (uvit_v1.pth: the v1 preset)."""
+    from ..official import config_from_official
+
+    custom = file.parent / "release_config.json"
+    config = None
+    if custom.is_file():
+        uvit = json.loads(custom.read_text()).get("uvit")
+        config = config_from_official(uvit) if uvit is not None else None
+    if config is None and file.name in RELEASE_FILES:
+        config = PRESETS[f"unidiffuser-{file.stem.removeprefix('uvit_')}"]
+    return PretrainedSource(path, f"the release file {file.name}", file, "official", config)
+
+
+def load_network_weights(path: str | Path) -> dict[str, Tensor]:
+    """The weights to start a fine-tuning run from, as a state dict under our names.
+
+    Any form ``pretrained_source`` recognises: our checkpoint directories (their EMA weights, the
+    ones meant for sampling) and run directories (the newest checkpoint), a plain .safetensors state
+    dict under our names, the released uvit_v*.pth (official names, renamed), and model directories
+    in our format, the release layout or the diffusers layout.
+    """
+    return pretrained_source(path).load()
+
+
 def saved_model_config(path: str | Path) -> UViTConfig | None:
-    """The architecture stored with weights (a checkpoint directory, or safetensors metadata)."""
-    path = Path(path)
-    if path.is_dir():
-        return read_checkpoint(path).model_config
-    if path.suffix == ".safetensors" and path.is_file():
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        if "model_config" in meta:
-            return UViTConfig.from_dict(json.loads(meta["model_config"]))
-    return None
+    """The architecture stored with weights, or None when the source does not say."""
+    return pretrained_source(path).config
+
+
+def describe_difference(a: UViTConfig, b: UViTConfig) -> str:
+    """The fields where two architectures differ, e.g. "width 32 vs 64, text.shape (77, 8) vs (16, 16)"."""
+    da, db = a.to_dict(), b.to_dict()
+    parts = []
+    for key in da:
+        if key == "modalities":
+            ma = {m["name"]: m for m in da[key]}
+            mb = {m["name"]: m for m in db[key]}
+            if list(ma) != list(mb):
+                parts.append(f"modalities {list(ma)} vs {list(mb)}")
+            for name in [n for n in ma if n in mb]:
+                for field, value in ma[name].items():
+                    if value != mb[name][field]:
+                        parts.append(f"{name}.{field} {_short(value)} vs {_short(mb[name][field])}")
+        elif da[key] != db[key]:
+            parts.append(f"{key} {_short(da[key])} vs {_short(db[key])}")
+    return ", ".join(parts) or "no difference"
+
+
+def _short(value: Any) -> str:
+    return str(tuple(value)) if isinstance(value, list) else str(value)

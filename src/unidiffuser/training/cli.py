@@ -24,6 +24,11 @@ override the file. The resolved options are written to OUTPUT_DIR/config.toml an
 checkpoints go to OUTPUT_DIR/checkpoints/step_N/. Several processes:
   torchrun --nproc_per_node N -m unidiffuser.cli train ...            (CPU: gloo, GPU: nccl)
   accelerate launch --num_processes N -m unidiffuser.cli train ...    (GPUs)
+
+Fine-tuning the released model: --init-from uvit_v1.pth (or the release directory, a diffusers
+directory, one of our model directories or checkpoints); without --model the network takes the
+architecture of those weights. With --components MODEL_DIR --sample-every N, sample grids from the
+EMA network go to OUTPUT_DIR/samples/step_N/.
 """
 
 
@@ -47,11 +52,65 @@ def _model(text: str) -> str | dict:
 
 
 def _shown(value: Any) -> str:
-    if value is None or value == {}:
+    if value is None or value == {} or value == ():
         return "none"
+    if isinstance(value, tuple) and all(isinstance(v, str) for v in value):
+        return " ".join(json.dumps(v) for v in value)
     if isinstance(value, tuple):
         return " ".join(map(str, value))
     return str(value)
+
+
+def add_config_arguments(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    field_help: dict[str, str],
+    choices: dict[str, tuple[str, ...]] | None = None,
+) -> None:
+    """One flag per field of a config dataclass, its help line showing the default.
+
+    Every default is None here, so that only flags actually given override the TOML file.
+    """
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        if f.default is not dataclasses.MISSING:
+            shown = _shown(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            shown = _shown(f.default_factory())
+        else:
+            shown = "none, required"
+        help_line = f"{field_help[f.name]} (default: {shown})"
+        if f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_line)
+        elif f.type == "tuple[float, float]":
+            parser.add_argument(flag, type=float, nargs=2, metavar=("B1", "B2"), help=help_line)
+        elif f.type == "tuple[str, ...]":
+            metavar = "PATH" if f.name.endswith("images") else "TEXT"
+            parser.add_argument(flag, nargs="+", metavar=metavar, help=help_line)
+        elif f.type == "Mapping[str, float]":
+            parser.add_argument(
+                "--" + f.name.rstrip("s").replace("_", "-"),
+                dest=f.name,
+                type=_loss_weight,
+                action="append",
+                metavar="NAME=WEIGHT",
+                help=help_line + "; repeat for several",
+            )
+        elif f.type.startswith("str | Mapping"):
+            parser.add_argument(flag, type=_model, metavar="NAME|JSON", help=help_line)
+        else:
+            kind = {"int": int, "float": float}.get(f.type, str)
+            parser.add_argument(flag, type=kind, choices=(choices or {}).get(f.name), help=help_line)
+
+
+def config_overrides(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The fields given as flags."""
+    overrides = {}
+    for f in dataclasses.fields(cls):
+        value = getattr(args, f.name)
+        if value is not None:
+            overrides[f.name] = dict(value) if f.type == "Mapping[str, float]" else value
+    return overrides
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -63,48 +122,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", type=Path, metavar="TOML", help="TOML file of options (default: none)")
-    defaults = TrainConfig()
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        help_line = f"{FIELD_HELP[f.name]} (default: {_shown(getattr(defaults, f.name))})"
-        # Every default is None here, so that only flags actually given override the file.
-        if f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_line)
-        elif f.name == "betas":
-            parser.add_argument(flag, type=float, nargs=2, metavar=("B1", "B2"), help=help_line)
-        elif f.name == "loss_weights":
-            parser.add_argument(
-                "--loss-weight",
-                dest="loss_weights",
-                type=_loss_weight,
-                action="append",
-                metavar="NAME=WEIGHT",
-                help=help_line + "; repeat for several",
-            )
-        elif f.name == "model":
-            parser.add_argument(flag, type=_model, metavar="NAME|JSON", help=help_line)
-        else:
-            kind = {"int": int, "float": float}.get(f.type, str)
-            choices = {"mixed_precision": MIXED_PRECISION, "weighting": WEIGHTINGS}.get(f.name)
-            parser.add_argument(flag, type=kind, choices=choices, help=help_line)
+    add_config_arguments(
+        parser, TrainConfig, FIELD_HELP, {"mixed_precision": MIXED_PRECISION, "weighting": WEIGHTINGS}
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the resolved options as TOML and exit")
     parser.set_defaults(func=cmd_train)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Resolve the options, then train (or print them with --dry-run)."""
-    overrides = {}
-    for f in dataclasses.fields(TrainConfig):
-        value = getattr(args, f.name)
-        if value is not None:
-            overrides[f.name] = dict(value) if f.name == "loss_weights" else value
     try:
-        config = load_config(args.config, overrides)
+        config = load_config(args.config, config_overrides(args, TrainConfig))
+        if args.dry_run and config.model is None and config.init_from:
+            architecture = config.model_config()  # reads init_from: fails here if it is unusable
     except ValueError as e:
         print(f"unidiffuser train: error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
         print("# unidiffuser train: resolved options (save as a file and pass it to --config)")
+        if config.model is None and config.init_from:
+            print(f"# model left out: the architecture of init_from, {json.dumps(architecture.to_dict())}")
         print(config.to_toml(), end="")
         return 0
 

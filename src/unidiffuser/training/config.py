@@ -5,7 +5,8 @@ Defaults follow the paper's recipe (UNIDIFFUSER.md section 4, U-ViT's optimiser)
 
 Every check raises a ValueError that names the key, the value and a fix. ``load_config`` merges a
 TOML file with overrides (flags win); ``TrainConfig.to_toml`` writes a file that loads back to the
-same config.
+same config. The helpers below (type checks, TOML, unknown keys) serve every config of a training
+stage.
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from ..network import PRESETS, UViTConfig
 from ..objective import WEIGHTINGS
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 # Names other trainers use for our keys, suggested when one of them is given.
@@ -41,13 +45,22 @@ ALIASES = {
     "pretrained": "init_from",
 }
 TOY = "toy"  # the toy world: a data source, and a model name for the toy world's network
+DEFAULT_MODEL = "small"  # the architecture when neither model nor init_from says one
+# Prompts of the periodic text-to-image samples: generic scenes, so that any caption model has
+# something to draw.
+DEFAULT_PROMPTS = (
+    "a photo of a cat sitting on a sofa",
+    "a red car parked on a city street",
+    "a bowl of fruit on a wooden table",
+    "a mountain lake at sunrise",
+)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """One training run. See ``FIELD_HELP`` (shown by ``unidiffuser train --help``) for each key."""
 
-    model: str | Mapping[str, Any] = "small"
+    model: str | Mapping[str, Any] | None = None
     data: str = TOY
     output_dir: str = "runs/train"
     steps: int = 10_000
@@ -69,37 +82,24 @@ class TrainConfig:
     seed: int = 0
     init_from: str | None = None
     resume: bool = False
+    components: str | None = None
+    sample_every: int = 0
+    sample_prompts: tuple[str, ...] = DEFAULT_PROMPTS
+    sample_images: tuple[str, ...] = ()
+    sample_steps: int = 20
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            _check_type(f.name, getattr(self, f.name))
+        check_types(self)
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
         object.__setattr__(self, "loss_weights", {k: float(v) for k, v in self.loss_weights.items()})
+        object.__setattr__(self, "sample_prompts", tuple(self.sample_prompts))
+        object.__setattr__(self, "sample_images", tuple(self.sample_images))
         if isinstance(self.model, Mapping):  # one canonical, JSON-ready form of an inline config
             object.__setattr__(self, "model", json.loads(json.dumps(self.model_config().to_dict())))
-        for key, minimum in (
-            ("steps", 1),
-            ("batch_size", 1),
-            ("grad_accum", 1),
-            ("checkpoint_every", 1),
-            ("keep_last", 1),
-            ("log_every", 1),
-            ("warmup_steps", 0),
-        ):
-            if getattr(self, key) < minimum:
-                _fail(
-                    key, getattr(self, key), f"must be >= {minimum}", f"set {key} to an integer >= {minimum}"
-                )
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            _fail("lr", self.lr, "must be a finite number > 0", "use a positive learning rate such as 2e-4")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            _fail("weight_decay", self.weight_decay, "must be >= 0", "use 0.03 (the recipe) or 0 to disable")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            _fail("betas", self.betas, "needs two numbers in [0, 1)", "use betas = [0.9, 0.9]")
+        _check_minimums(self, grad_accum=1, sample_every=0, sample_steps=1)
+        _check_optimizer(self, recipe="0.03 (the recipe)", betas="[0.9, 0.9]")
         if not 0 <= self.ema_decay < 1:
             _fail("ema_decay", self.ema_decay, "must lie in [0, 1)", "use 0.9999 (the recipe)")
-        if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
-            _fail("grad_clip", self.grad_clip, "must be >= 0", "use 1.0, or 0 to turn clipping off")
         if self.mixed_precision not in MIXED_PRECISION:
             _fail(
                 "mixed_precision",
@@ -120,15 +120,52 @@ class TrainConfig:
                 f"is not divisible by grad_accum={self.grad_accum}",
                 "batch_size is the global batch of one optimizer step; make it a multiple of grad_accum",
             )
-        diffused = [m.name for m in self.model_config().diffused]
+        if not self.sample_prompts or not all(p.strip() for p in self.sample_prompts):
+            _fail(
+                "sample_prompts",
+                list(self.sample_prompts),
+                "needs at least one non-empty prompt",
+                'give prompts such as ["a photo of a cat"]',
+            )
+        for key in ("init_from", "components"):
+            if getattr(self, key) == "":
+                _fail(key, "", "is empty", "leave it out or name a path")
+        for name, weight in self.loss_weights.items():
+            if not (math.isfinite(weight) and weight >= 0):
+                _fail(f"loss_weights.{name}", weight, "must be >= 0", "use a non-negative factor such as 1.0")
+        # The architecture of init_from is read when training starts (it needs the files); every
+        # other architecture is known now.
+        if self.model is not None or not self.init_from:
+            self.check_loss_weights(self.model_config())
+
+    def check_loss_weights(self, model_config: UViTConfig) -> None:
+        """Every loss_weights key must name a diffused modality of the architecture."""
+        diffused = [m.name for m in model_config.diffused]
         for name, weight in self.loss_weights.items():
             if name not in diffused:
                 _fail(f"loss_weights.{name}", weight, "names no diffused modality", f"use one of {diffused}")
-            if not (math.isfinite(weight) and weight >= 0):
-                _fail(f"loss_weights.{name}", weight, "must be >= 0", "use a non-negative factor such as 1.0")
 
     def model_config(self) -> UViTConfig:
-        """The network architecture: a preset, the toy world's network, or an inline config."""
+        """The network architecture: a preset, the toy world's network, or an inline config.
+
+        With ``model`` left out it is the architecture stored with ``init_from`` (read from its
+        files), or the "small" preset when training from scratch.
+        """
+        if self.model is None:
+            if not self.init_from:
+                return PRESETS[DEFAULT_MODEL]
+            from .checkpoint import pretrained_source  # reads files: only when asked
+
+            source = pretrained_source(self.init_from)
+            if source.config is None:
+                _fail(
+                    "model",
+                    None,
+                    f"is left out and init_from = {self.init_from!r} ({source.description}) does not "
+                    "say its architecture",
+                    "set model to the architecture of the weights",
+                )
+            return source.config
         if isinstance(self.model, str):
             if self.model == TOY:
                 from ..toy import ToyWorld
@@ -152,35 +189,22 @@ class TrainConfig:
     # -- conversion -----------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready values (``model`` as given: a name or a dict)."""
-        d = dataclasses.asdict(self)
-        d["betas"] = list(self.betas)
-        d["loss_weights"] = dict(self.loss_weights)
-        d["model"] = self.model if isinstance(self.model, str) else dict(self.model)
-        return d
+        """JSON-ready values (``model`` as given: a name, a dict or None)."""
+        return plain_dict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = "config") -> TrainConfig:
         """Build from plain values, rejecting unknown keys with a suggestion."""
-        known = [f.name for f in dataclasses.fields(cls)]
-        for key in d:
-            if key not in known:
-                close = [ALIASES[key]] if key in ALIASES else difflib.get_close_matches(key, known, n=1)
-                hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
-                raise ValueError(f"{source}: unknown key {key!r}; {hint}")
-        return cls(**dict(d))
+        return from_plain_dict(cls, d, source, ALIASES)
 
     def to_toml(self) -> str:
         """A TOML document that ``load_config`` reads back to this config (None values omitted)."""
-        lines = []
-        for key, value in self.to_dict().items():
-            if value is not None:
-                lines.append(f"{key} = {_toml_value(value)}")
-        return "\n".join(lines) + "\n"
+        return to_toml(self.to_dict())
 
 
 FIELD_HELP: dict[str, str] = {
-    "model": f"network: a preset name ({', '.join([*PRESETS, TOY])}) or an inline UViTConfig table",
+    "model": f"network: a preset name ({', '.join([*PRESETS, TOY])}) or an inline UViTConfig table; "
+    f"left out: the architecture of init_from, else {DEFAULT_MODEL}",
     "data": f'training data: "{TOY}" (the toy world) or a directory of *.safetensors feature shards',
     "output_dir": "run directory: resolved config, log, checkpoints/",
     "steps": "optimizer steps to train to (a resumed run continues up to this number)",
@@ -200,17 +224,37 @@ FIELD_HELP: dict[str, str] = {
     "keep_last": "keep this many newest checkpoints",
     "log_every": "log losses, learning rate and throughput every this many steps",
     "seed": "seed of the initial weights, the data order, the timesteps and the noise",
-    "init_from": "fine-tune: start from these weights (a checkpoint directory or a .safetensors file)",
+    "init_from": "fine-tune from these weights: a checkpoint step_N directory or a run directory, a "
+    ".safetensors state dict (our names), a released uvit_v1.pth/uvit_v0.pth, or a model directory "
+    "(ours, the release files, diffusers' unet/)",
     "resume": "continue from the newest complete checkpoint in output_dir",
+    "components": "a model directory (any layout) whose autoencoder, CLIP encoders and caption decoder "
+    "draw the periodic samples (image-text models only)",
+    "sample_every": "write sample grids (t2i, i2t, joint) from the EMA network to "
+    "output_dir/samples/step_N/ every this many steps; 0 turns them off; needs components",
+    "sample_prompts": "prompts of the text-to-image samples",
+    "sample_images": "pictures to caption in the image-to-text samples; none: the text-to-image samples",
+    "sample_steps": "solver steps of each sample",
 }
 
 
-def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+# ---------------------------------------------------------------------------------------------
+# Reading configs
+
+Config = TypeVar("Config", bound="DataclassInstance")
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    cls: type[Config] = TrainConfig,  # type: ignore[assignment]
+) -> Config:
     """Read a TOML file (optional) and apply overrides on top of it.
 
     Args:
-        path: a TOML file of TrainConfig keys.
+        path: a TOML file of ``cls`` keys.
         overrides: values that replace the file's (flags given on the command line).
+        cls: the config class (TrainConfig, or another stage's config with a ``from_dict``).
 
     Returns:
         The validated config.
@@ -230,7 +274,7 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
         except ValueError as e:  # tomllib.TOMLDecodeError is a ValueError
             raise ValueError(f"config file {source!r} is not valid TOML: {e}") from None
     values.update(overrides or {})
-    return TrainConfig.from_dict(values, source=source)
+    return cls.from_dict(values, source=source)
 
 
 def parse_toml(text: str) -> dict[str, Any]:
@@ -246,18 +290,78 @@ def parse_toml(text: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Helpers
+# Helpers shared by the configs of every training stage
 
 
 def _fail(key: str, value: Any, problem: str, fix: str) -> NoReturn:
     raise ValueError(f"{key} = {value!r}: {problem}; {fix}")
 
 
-_TYPES = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+def _check_minimums(config: DataclassInstance, **extra: int) -> None:
+    """Integer keys with a lower bound: the ones every stage has, and ``extra``."""
+    minimums = dict(steps=1, batch_size=1, checkpoint_every=1, keep_last=1, log_every=1, warmup_steps=0)
+    for key, minimum in {**minimums, **extra}.items():
+        if getattr(config, key) < minimum:
+            _fail(key, getattr(config, key), f"must be >= {minimum}", f"set {key} to an integer >= {minimum}")
 
 
-def _check_type(key: str, value: Any) -> None:
-    kind = _TYPES[key]
+def _check_optimizer(config: DataclassInstance, *, recipe: str, betas: str) -> None:
+    """lr, weight_decay, betas and grad_clip of an AdamW stage."""
+    if not (math.isfinite(config.lr) and config.lr > 0):
+        _fail("lr", config.lr, "must be a finite number > 0", "use a positive learning rate such as 2e-4")
+    if not (math.isfinite(config.weight_decay) and config.weight_decay >= 0):
+        _fail("weight_decay", config.weight_decay, "must be >= 0", f"use {recipe} or 0 to disable")
+    if len(config.betas) != 2 or not all(0 <= b < 1 for b in config.betas):
+        _fail("betas", config.betas, "needs two numbers in [0, 1)", f"use betas = {betas}")
+    if not (math.isfinite(config.grad_clip) and config.grad_clip >= 0):
+        _fail("grad_clip", config.grad_clip, "must be >= 0", "use 1.0, or 0 to turn clipping off")
+
+
+def plain_dict(config: DataclassInstance) -> dict[str, Any]:
+    """A config's JSON-ready values: tuples as lists, mappings as plain dicts."""
+    d = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, tuple):
+            value = list(value)
+        elif isinstance(value, Mapping):
+            value = json.loads(json.dumps(value))
+        d[f.name] = value
+    return d
+
+
+def from_plain_dict(
+    cls: type[Config], d: Mapping[str, Any], source: str, aliases: Mapping[str, str] = ALIASES
+) -> Config:
+    """``cls(**d)``, rejecting unknown keys with a suggestion (a known alias or a close name)."""
+    fields = dataclasses.fields(cls)
+    known = [f.name for f in fields]
+    for key in d:
+        if key not in known:
+            close = (
+                [aliases[key]] if aliases.get(key) in known else difflib.get_close_matches(key, known, n=1)
+            )
+            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
+            raise ValueError(f"{source}: unknown key {key!r}; {hint}")
+    for f in fields:
+        if f.name not in d and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ValueError(f"{source}: {f.name} is required (flag --{f.name.replace('_', '-')})")
+    return cls(**dict(d))
+
+
+def to_toml(values: Mapping[str, Any]) -> str:
+    """A TOML document of plain values (None values omitted)."""
+    lines = [f"{key} = {_toml_value(value)}" for key, value in values.items() if value is not None]
+    return "\n".join(lines) + "\n"
+
+
+def check_types(config: DataclassInstance) -> None:
+    """Check every field of a config dataclass against its annotation; a ValueError names the key."""
+    for f in dataclasses.fields(config):
+        _check_type(f.name, getattr(config, f.name), str(f.type))
+
+
+def _check_type(key: str, value: Any, kind: str) -> None:
     if kind == "int":
         ok = isinstance(value, int) and not isinstance(value, bool)
         want = "an integer"
@@ -273,21 +377,24 @@ def _check_type(key: str, value: Any) -> None:
     elif kind == "str | None":
         ok = value is None or isinstance(value, str)
         want = "a string (or leave it out)"
-    elif key == "model":
-        ok = isinstance(value, str | Mapping)
+    elif kind in ("str | Mapping[str, Any]", "str | Mapping[str, Any] | None"):
+        ok = isinstance(value, str | Mapping) or (value is None and kind.endswith("None"))
         want = "a preset name or a table"
-    elif key == "betas":
+    elif kind == "tuple[str, ...]":
+        ok = isinstance(value, list | tuple) and all(isinstance(v, str) for v in value)
+        want = "a list of strings"
+    elif kind == "tuple[float, float]":
         ok = isinstance(value, list | tuple) and all(
             isinstance(b, int | float) and not isinstance(b, bool) for b in value
         )
         want = "a list of two numbers"
-    elif key == "loss_weights":
+    elif kind == "Mapping[str, float]":
         ok = isinstance(value, Mapping) and all(
             isinstance(v, int | float) and not isinstance(v, bool) for v in value.values()
         )
         want = "a table of NAME = WEIGHT numbers"
     else:  # pragma: no cover - a new field without a type check
-        raise NotImplementedError(f"no type check for {key}")
+        raise NotImplementedError(f"no type check for {key}: {kind}")
     if not ok:
         _fail(key, value, f"has type {type(value).__name__}", f"give {want}")
 

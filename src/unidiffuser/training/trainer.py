@@ -14,6 +14,11 @@ without interruption would have drawn, with no generator state to save. What a c
 carry is the weights, the EMA, the optimizer, the scheduler, the grad scaler and each process's
 data cursor (which advances past skipped examples).
 
+Fine-tuning (``init_from``) starts from our checkpoints, the released uvit_v*.pth or a model
+directory in any layout (``checkpoint.pretrained_source``); with ``model`` left out the network
+takes the architecture stored with those weights. Image-text networks can write sample grids from
+the EMA every ``sample_every`` steps, with the components of a model directory (``components``).
+
 Helpers first; ``train(config)`` reads top to bottom, as DiT's train.py does.
 """
 
@@ -25,10 +30,11 @@ import functools
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,15 +46,19 @@ from tqdm import tqdm
 
 from ..network import UViT, UViTConfig
 from ..objective import unidiffuser_loss
+from ..official import load_state_dict_strict
 from ..schedule import NoiseSchedule
 from .checkpoint import (
+    Checkpoint,
+    PretrainedSource,
     checkpoint_name,
+    describe_difference,
     find_checkpoints,
-    load_network_weights,
     load_training_state,
     load_weights,
+    pretrained_source,
+    replace_directory,
     save_checkpoint,
-    saved_model_config,
 )
 from .config import TrainConfig
 from .data import DataStream, derive_seed, open_source, resume_cursor
@@ -157,11 +167,202 @@ class LossView:
         return self.wrapped(inputs, timesteps)
 
 
-def write_samples(ema: UViT, step: int, run_dir: Path) -> None:
-    """Hook for periodic sample grids from the EMA network (they come with the pipeline).
+def resolve_architecture(
+    config: TrainConfig, start: Checkpoint | None
+) -> tuple[UViTConfig, PretrainedSource | None]:
+    """The run's architecture, and the weights to fine-tune from (None when resuming or from scratch).
 
-    Called on the main process after every checkpoint; does nothing yet.
+    A resumed run keeps its checkpoint's architecture when ``model`` is left out (``init_from`` is
+    not read again). Otherwise ``model`` left out takes the architecture stored with ``init_from``;
+    ``model`` given must agree with it.
     """
+    if start is not None:
+        return (start.model_config if config.model is None else config.model_config()), None
+    if not config.init_from:
+        return config.model_config(), None
+    source = pretrained_source(config.init_from)
+    if config.model is None:
+        return config.model_config(), source  # the source's, or a ValueError saying it has none
+    model_config = config.model_config()
+    if source.config is not None and source.config != model_config:
+        raise ValueError(
+            f"init_from = {config.init_from!r}: {source.description} holds another architecture than "
+            f"model = {_shown_model(config.model)} ({describe_difference(source.config, model_config)}); "
+            "leave model out to take the architecture of the weights, or set it to match them"
+        )
+    return model_config, source
+
+
+def _shown_model(model) -> str:
+    return repr(model) if isinstance(model, str) else "{...}"
+
+
+def load_pretrained(model: UViT, source: PretrainedSource) -> None:
+    """Load fine-tuning weights strictly; a mismatch names the missing, unexpected or misshapen keys."""
+    try:
+        load_state_dict_strict(model, source.load(), f"{source.description} ({source.names} names)")
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(f"init_from = {str(source.path)!r}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Sample grids
+
+
+def is_image_text(model_config: UViTConfig) -> bool:
+    """Whether the pipeline can sample this network (groups image and text; img, clip_img, text)."""
+    names = {m.name for m in model_config.modalities}
+    return {"img", "clip_img", "text"} <= names and set(model_config.groups) == {"image", "text"}
+
+
+def load_components(path: str, model_config: UViTConfig, device: torch.device):
+    """The pipeline of a model directory (any layout) on ``device``, checked against the run's network.
+
+    Its own network is dropped: samples come from the run's EMA network.
+    """
+    from ..loading import load_pipeline
+
+    try:
+        pipe = load_pipeline(path, device=device)
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(f"components = {path!r}: {e}") from None
+    theirs = pipe.network.config
+    for name in ("clip_img", "text"):
+        if theirs.modality(name).shape != model_config.modality(name).shape:
+            raise ValueError(
+                f"components = {path!r}: its {name} has shape {theirs.modality(name).shape}, the run's "
+                f"network {model_config.modality(name).shape}; give the components the network was built for"
+            )
+    channels, ours = theirs.modality("img").shape[0], model_config.modality("img").shape[0]
+    if channels != ours:
+        raise ValueError(
+            f"components = {path!r}: its autoencoder has {channels} latent channels, the run's network {ours}"
+        )
+    pipe.network = None  # free it; write_samples pairs the components with the EMA network
+    return pipe
+
+
+@torch.no_grad()
+def write_samples(
+    ema: UViT,
+    components,
+    directory: Path,
+    *,
+    prompts: Sequence[str],
+    images: Sequence[str] = (),
+    steps: int = 20,
+    seed: int = 0,
+) -> list[str]:
+    """Sample t2i, i2t and joint from the EMA network into ``directory``; returns the file names.
+
+    Files: t2i_grid.png (one picture per prompt, captioned with it), i2t_grid.png and
+    i2t_captions.txt (the given pictures, or the t2i pictures, with the captions the network
+    gives them), joint_grid.png and joint_captions.txt (len(prompts) pairs), samples.json.
+
+    Args:
+        ema: the network to sample (image-text layout).
+        components: a ``UniDiffuser`` whose autoencoder, encoders and caption decoder are used.
+        directory: an existing folder to write into.
+        prompts: the text-to-image prompts.
+        images: pictures to caption; none: the text-to-image pictures.
+        steps: solver steps per sample.
+        seed: every task draws its noise from this seed, so grids of different steps compare.
+    """
+    from ..components.images import make_grid
+    from ..pipeline import UniDiffuser
+
+    pipe = UniDiffuser(
+        ema,
+        components.autoencoder,
+        components.image_encoder,
+        components.text_encoder,
+        components.caption_decoder,
+        schedule=components.schedule,
+        data_type=components.data_type,
+    )
+    prompts = list(prompts)
+    t2i = pipe.text_to_image(prompts, steps=steps, seed=seed)
+    make_grid(t2i.images, prompts).save(directory / "t2i_grid.png")
+    sources = list(images) or t2i.images
+    i2t = pipe.image_to_text(sources, steps=steps, seed=seed)
+    pictures = [im if not isinstance(im, str) else _picture(im, pipe.default_size) for im in sources]
+    make_grid(pictures, i2t.texts).save(directory / "i2t_grid.png")
+    (directory / "i2t_captions.txt").write_text("\n".join(i2t.texts) + "\n", encoding="utf-8")
+    joint = pipe.joint(len(prompts), steps=steps, seed=seed)
+    make_grid(joint.images, joint.texts).save(directory / "joint_grid.png")
+    (directory / "joint_captions.txt").write_text("\n".join(joint.texts) + "\n", encoding="utf-8")
+    settings = {
+        "prompts": prompts,
+        "i2t_inputs": list(images) or "the t2i samples",
+        "steps": steps,
+        "seed": seed,
+        "guidance_scale": 7.0,  # the pipeline's default, the released one
+    }
+    (directory / "samples.json").write_text(json.dumps(settings, indent=2) + "\n")
+    return sorted(p.name for p in directory.iterdir())
+
+
+def _picture(path: str, size: tuple[int, int]):
+    from ..components.images import load_image, resize_and_crop
+
+    return resize_and_crop(load_image(path), size)
+
+
+class SampleWriter:
+    """Periodic samples of one run: on the main process, every ``sample_every`` steps.
+
+    Sampling needs an image-text network and ``components``; when either is missing, the writer
+    says so once, at the start, and writes nothing.
+    """
+
+    def __init__(self, config: TrainConfig, model_config: UViTConfig, device: torch.device, log: RunLog):
+        self.config = config
+        self.every = 0
+        self.components = None
+        if not config.sample_every or not log.enabled:
+            return
+        if not is_image_text(model_config):
+            log.note(
+                f"samples: sample_every = {config.sample_every}, but this network is not the image-text "
+                "layout (img, clip_img, text) the pipeline samples; no samples are written"
+            )
+            return
+        if not config.components:
+            log.note(
+                f"samples: sample_every = {config.sample_every}, but no components are given (a model "
+                "directory with the autoencoder, CLIP encoders and caption decoder); no samples are written"
+            )
+            return
+        missing = [p for p in config.sample_images if not Path(p).is_file()]
+        if missing:
+            raise ValueError(f"sample_images: no such file: {missing}")
+        self.components = load_components(config.components, model_config, device)
+        self.every = config.sample_every
+        log.note(f"samples: every {self.every} steps with the components of {config.components}")
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and step % self.every == 0
+
+    def __call__(self, ema: UViT, step: int, run_dir: Path) -> Path:
+        """Write run_dir/samples/step_N/ atomically (a temporary folder, then a rename)."""
+        root = run_dir / "samples"
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{checkpoint_name(step)}.tmp-", dir=root))
+        try:
+            write_samples(
+                ema,
+                self.components,
+                tmp,
+                prompts=self.config.sample_prompts,
+                images=self.config.sample_images,
+                steps=self.config.sample_steps,
+                seed=self.config.seed,
+            )
+            replace_directory(tmp, root / checkpoint_name(step))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return root / checkpoint_name(step)
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -227,8 +428,9 @@ def check_resume(checkpoint, config: TrainConfig, model_config: UViTConfig, log:
     """Refuse another architecture; say which changed options make the run differ from the original."""
     if checkpoint.model_config != model_config:
         raise ValueError(
-            f"resume: {checkpoint.path} holds another architecture than model = {config.model!r}; "
-            "resume with the run's own config (its config.toml) or start a new output_dir"
+            f"resume: {checkpoint.path} holds another architecture than model = {_shown_model(config.model)} "
+            f"({describe_difference(checkpoint.model_config, model_config)}); resume with the run's own "
+            "config (its config.toml) or start a new output_dir"
         )
     saved, now = checkpoint.state.get("config", {}), config.to_dict()
     changed = [k for k in now if k not in ("resume",) and saved.get(k) != now[k]]
@@ -257,7 +459,6 @@ class TrainResult:
 
 def train(config: TrainConfig) -> TrainResult:
     """Train (or fine-tune, or resume) a UniDiffuser network as ``config`` says."""
-    model_config = config.model_config()
     accelerator = build_accelerator(config)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     is_main = accelerator.is_main_process
@@ -278,6 +479,8 @@ def train(config: TrainConfig) -> TrainResult:
     start = complete[-1] if complete and config.resume else None
     if config.resume and start is None:
         log.note(f"resume: no complete checkpoint in {ckpt_dir}; starting from step 0")
+    model_config, pretrained = resolve_architecture(config, start)
+    config.check_loss_weights(model_config)
     if is_main:  # the resolved options of this launch, beside its checkpoints
         _write_text(run_dir / "config.toml", config.to_toml())
         resolved = {
@@ -294,15 +497,9 @@ def train(config: TrainConfig) -> TrainResult:
     if start is not None:
         check_resume(start, config, model_config, log)
         model.load_state_dict(load_weights(start, "model"))
-    elif config.init_from:
-        saved = saved_model_config(config.init_from)
-        if saved is not None and saved != model_config:
-            raise ValueError(
-                f"init_from = {config.init_from!r}: saved with another architecture than model = "
-                f"{config.model!r}; set model to the architecture of the weights"
-            )
-        model.load_state_dict(load_network_weights(config.init_from))
-        log.note(f"fine-tuning from {config.init_from}")
+    elif pretrained is not None:
+        load_pretrained(model, pretrained)
+        log.note(f"fine-tuning from {pretrained.description} ({config.init_from})")
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     if start is not None:
         ema.load_state_dict(load_weights(start, "ema"))
@@ -339,6 +536,7 @@ def train(config: TrainConfig) -> TrainResult:
         f"mixed precision {config.mixed_precision}"
     )
 
+    samples = SampleWriter(config, model_config, device, log)
     schedule = NoiseSchedule()
     network = LossView(model, model_config)
     generator = torch.Generator(device=device)
@@ -415,7 +613,11 @@ def train(config: TrainConfig) -> TrainResult:
             )
             if is_main:
                 log.note(f"saved {last_checkpoint}")
-                write_samples(ema, step, run_dir)
+        if samples.due(step):  # main process only (the writer is off elsewhere)
+            began = time.perf_counter()
+            written = samples(ema, step, run_dir)
+            log.note(f"samples: wrote {written} in {time.perf_counter() - began:.1f} s")
+            window_start += time.perf_counter() - began  # not counted against training throughput
 
     skipped = {"non_finite": stream.skipped["non_finite"], "unreadable": stream.skipped["unreadable"]}
     skipped["shards"] = len(source.bad_shards)

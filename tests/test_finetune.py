@@ -1,0 +1,279 @@
+"""Fine-tuning from released weights, and periodic samples.
+
+Everything runs on tiny models: a width-32 U-ViT saved under the released names with a
+release_config.json (as loading.py documents), feature shards of its shapes written here, and the
+tiny random components of ``tiny_pipeline``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import unidiffuser.training.trainer as trainer_module
+from unidiffuser.components.images import make_grid
+from unidiffuser.network import UViT, UViTConfig
+from unidiffuser.official import config_from_official, from_official_keys, to_diffusers_keys, to_official_keys
+from unidiffuser.pipeline import UniDiffuser
+from unidiffuser.tiny import tiny_pipeline
+from unidiffuser.training import (
+    TrainConfig,
+    find_checkpoints,
+    load_network_weights,
+    load_weights,
+    train,
+    write_feature_shard,
+)
+from unidiffuser.training.checkpoint import pretrained_source
+from unidiffuser.training.cli import main as cli
+from unidiffuser.training.config import parse_toml
+from unidiffuser.training.trainer import load_components
+
+# The released network's keyword arguments, shrunk: the architecture of tiny_network_config().
+OFFICIAL_KWARGS = {
+    "img_size": 8, "in_chans": 4, "patch_size": 2, "embed_dim": 32, "depth": 2, "num_heads": 2,
+    "mlp_ratio": 4, "qkv_bias": False, "mlp_time_embed": False, "text_dim": 8, "num_text_tokens": 77,
+    "clip_img_dim": 16,
+}  # fmt: skip
+ARCH = config_from_official(OFFICIAL_KWARGS)
+CAPTIONS = [
+    "a photo of a cat sitting on a red sofa",
+    "a dog running on the beach at sunset",
+    "a bowl of fruit on a wooden table",
+    "a small boat floating on a calm river",
+    "a man holding an umbrella in the rain",
+    "a train crossing a snowy valley",
+    "a cup of coffee next to a laptop",
+    "a lighthouse on a rocky coast",
+]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k].cpu(), b[k].cpu()), f"weight {k} differs"
+
+
+def losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())}
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    """A tiny network as the release ships it: uvit_v1.pth (official names) + release_config.json."""
+    d = tmp_path_factory.mktemp("release")
+    torch.manual_seed(123)
+    official = to_official_keys(UViT(ARCH).state_dict())
+    torch.save(official, d / "uvit_v1.pth")
+    (d / "release_config.json").write_text(json.dumps({"uvit": OFFICIAL_KWARGS}))
+    return d, official
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Synthetic features of the network's modalities: VAE moments, CLIP image embedding, text latent."""
+    root = tmp_path_factory.mktemp("features")
+    g = torch.Generator().manual_seed(0)
+    n = 16
+    tensors = {
+        "img": torch.randn(n, 8, 8, 8, generator=g).half(),  # mean and log-variance of 4 channels
+        "clip_img": torch.randn(n, 16, generator=g),
+        "text": torch.randn(n, 77, 8, generator=g),
+        "data_type": torch.arange(n) % 2,
+    }
+    write_feature_shard(root / "part-0.safetensors", tensors, {"moments": ["img"]})
+    return root
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """tiny_pipeline in our format: the components of the samples and of the caption decoder."""
+    d = tmp_path_factory.mktemp("model") / "tiny"
+    tiny_pipeline(seed=0).save_pretrained(d)
+    return d
+
+
+def config(out: Path, data: Path, **kw) -> TrainConfig:
+    base = dict(
+        data=str(data), output_dir=str(out), steps=2, batch_size=4, lr=1e-3, warmup_steps=1, ema_decay=0.5,
+        checkpoint_every=2, log_every=1, seed=0,
+    )  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning from released weights
+
+
+def test_fine_tune_from_the_released_file(released, shards, tmp_path, monkeypatch):
+    release_dir, official = released
+    started = {}
+    real = trainer_module.build_optimizer
+
+    def spy(model, cfg):  # called once the starting weights are loaded, before any step
+        started.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return real(model, cfg)
+
+    monkeypatch.setattr(trainer_module, "build_optimizer", spy)
+    run = tmp_path / "run"
+    result = train(config(run, shards, init_from=str(release_dir / "uvit_v1.pth")))  # model left out
+
+    assert_same_weights(started, from_official_keys(official))  # the released weights, renamed
+    resolved = json.loads((run / "config.json").read_text())
+    assert UViTConfig.from_dict(resolved["model_config"]) == ARCH  # that of release_config.json
+    assert "model" not in parse_toml((run / "config.toml").read_text())
+    assert sorted(losses(run)) == [1, 2] and all(map(math.isfinite, losses(run).values()))
+    moved = max((v - started[k]).abs().max().item() for k, v in result.model.state_dict().items())
+    assert moved > 1e-5  # it trained
+
+    # The result saves and reloads: the checkpoint's EMA rebuilds the same network.
+    (ckpt,) = find_checkpoints(run / "checkpoints")[0]
+    assert ckpt.step == 2 and ckpt.model_config == ARCH
+    again = UViT(ckpt.model_config).eval()
+    again.load_state_dict(load_weights(ckpt, "ema"))
+    assert_same_weights(again.state_dict(), result.ema.state_dict())
+    g = torch.Generator().manual_seed(1)
+    inputs = {
+        "img": torch.randn(2, 4, 8, 8, generator=g), "clip_img": torch.randn(2, 16, generator=g),
+        "text": torch.randn(2, 77, 8, generator=g), "data_type": torch.tensor([0, 1]),
+    }  # fmt: skip
+    times = {"image": torch.tensor([10.0, 500.0]), "text": torch.tensor([999.0, 0.0])}
+    with torch.no_grad():
+        expected, got = result.ema(inputs, times), again(inputs, times)
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=0, atol=1e-6)
+
+    # ... and seeds the next fine-tune: the run directory means its newest checkpoint's EMA.
+    source = pretrained_source(run)
+    assert source.config == ARCH and "step_000002" in source.description
+    assert_same_weights(load_network_weights(run), load_weights(ckpt, "ema"))
+
+
+def test_every_form_of_init_from_reads_the_same_weights(released, tmp_path):
+    release_dir, official = released
+    ours = from_official_keys(official)
+    # our model format: unidiffuser.json + network.safetensors
+    (tmp_path / "ours").mkdir()
+    save_file(ours, str(tmp_path / "ours" / "network.safetensors"))
+    meta = {"format": "unidiffuser", "version": 1, "network": ARCH.to_dict()}
+    (tmp_path / "ours" / "unidiffuser.json").write_text(json.dumps(meta))
+    # the diffusers layout: the unet/ folder of diffusers' own UniDiffuserModel
+    modeling = pytest.importorskip("diffusers.pipelines.deprecated.unidiffuser.modeling_uvit")
+    unet = modeling.UniDiffuserModel(
+        text_dim=8, clip_img_dim=16, num_text_tokens=77, num_attention_heads=2, attention_head_dim=16,
+        in_channels=4, out_channels=4, num_layers=2, sample_size=8, patch_size=2, activation_fn="gelu",
+        norm_type="layer_norm", block_type="unidiffuser", pre_layer_norm=False, use_data_type_embedding=True,
+        ff_final_dropout=True,
+    )  # fmt: skip
+    unet.load_state_dict(to_diffusers_keys(ours), strict=True)
+    unet.save_pretrained(tmp_path / "hub" / "unet")
+    # a released file without release_config.json beside it: its architecture is unknown
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "weights.pth").write_bytes((release_dir / "uvit_v1.pth").read_bytes())
+
+    forms = {
+        release_dir / "uvit_v1.pth": "the release file uvit_v1.pth",
+        release_dir: "the release file uvit_v1.pth",
+        tmp_path / "ours": "the model ours",
+        tmp_path / "hub": "diffusers",
+        tmp_path / "hub" / "unet": "diffusers",
+        tmp_path / "bare" / "weights.pth": "the release file weights.pth",
+    }
+    for path, description in forms.items():
+        source = pretrained_source(path)
+        assert description in source.description, path
+        assert source.config == (None if path.parent.name == "bare" else ARCH), path
+        assert_same_weights(load_network_weights(path), ours)
+    # an explicit model must agree with the released v1 architecture of a bare uvit_v1.pth
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v1" / "uvit_v1.pth").symlink_to(release_dir / "uvit_v1.pth")
+    assert pretrained_source(tmp_path / "v1" / "uvit_v1.pth").config.width == 1536
+
+
+def test_fine_tuning_errors_name_the_mismatch(released, shards, tmp_path):
+    release_dir, official = released
+    file = str(release_dir / "uvit_v1.pth")
+    wider = {**ARCH.to_dict(), "width": 64, "num_heads": 4}
+    with pytest.raises(ValueError, match=r"init_from = .*holds another architecture .*\(width 32 vs 64"):
+        train(config(tmp_path / "a", shards, init_from=file, model=wider))
+    # strict keys: one missing, one unexpected, one of another shape
+    broken = dict(official)
+    del broken["decoder_pred.bias"]
+    broken["extra.weight"] = torch.zeros(1)
+    (tmp_path / "b").mkdir()
+    torch.save(broken, tmp_path / "b" / "uvit_v1.pth")
+    (tmp_path / "b" / "release_config.json").write_text(json.dumps({"uvit": OFFICIAL_KWARGS}))
+    with pytest.raises(ValueError, match=r"missing \['head.img.bias'\], unexpected \['extra.weight'\]"):
+        train(config(tmp_path / "b" / "run", shards, init_from=str(tmp_path / "b")))
+    reshaped = dict(official)
+    reshaped["pos_embed"] = torch.zeros(1, 3, 32)
+    torch.save(reshaped, tmp_path / "b" / "uvit_v1.pth")
+    with pytest.raises(ValueError, match=r"init_from = .*shape mismatch .*pos_embed: \(1, 3, 32\)"):
+        train(config(tmp_path / "b" / "run2", shards, init_from=str(tmp_path / "b")))
+    # weights that do not say their architecture need model
+    save_file(from_official_keys(official), str(tmp_path / "plain.safetensors"))
+    with pytest.raises(ValueError, match=r"model = None: is left out and init_from = .* does not say"):
+        train(config(tmp_path / "c", shards, init_from=str(tmp_path / "plain.safetensors")))
+    with pytest.raises(ValueError, match=r"init_from = .*not found: not a checkpoint directory"):
+        train(config(tmp_path / "d", shards, init_from=str(tmp_path / "nothing.pth")))
+    assert cli(["train", "--init-from", file, "--dry-run"]) == 0  # the architecture is read, nothing trained
+
+
+# ---------------------------------------------------------------------------------------------
+# Sample grids
+
+
+def test_sample_grids_from_the_ema_network(model_dir, shards, tmp_path, capsys):
+    run = tmp_path / "run"
+    prompts = ("a red square", "a blue circle")
+    cfg = config(
+        run, shards, model=ARCH.to_dict(), steps=3, components=str(model_dir), sample_every=2,
+        sample_prompts=prompts, sample_steps=2,
+    )  # fmt: skip
+    train(cfg)
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_000002"]  # every 2 of 3 steps
+    step = run / "samples" / "step_000002"
+    assert sorted(p.name for p in step.iterdir()) == [
+        "i2t_captions.txt", "i2t_grid.png", "joint_captions.txt", "joint_grid.png", "samples.json",
+        "t2i_grid.png",
+    ]  # fmt: skip
+    assert len((step / "i2t_captions.txt").read_text().splitlines()) == 2
+    assert len((step / "joint_captions.txt").read_text().splitlines()) == 2
+    assert json.loads((step / "samples.json").read_text())["prompts"] == list(prompts)
+    with Image.open(step / "t2i_grid.png") as grid:
+        assert grid.width >= 2 * 64  # two 64-pixel pictures side by side
+    assert "samples: wrote" in capsys.readouterr().err
+
+    # The pictures are those of the EMA network at that step (saved in the step-2 checkpoint).
+    ema = UViT(ARCH).eval()
+    ema.load_state_dict(load_weights(run / "checkpoints" / "step_000002", "ema"))
+    components = load_components(str(model_dir), ARCH, torch.device("cpu"))
+    parts = ("autoencoder", "image_encoder", "text_encoder", "caption_decoder")
+    pipe = UniDiffuser(ema, *(getattr(components, k) for k in parts))
+    expected = make_grid(pipe.text_to_image(list(prompts), steps=2, seed=0).images, list(prompts))
+    with Image.open(step / "t2i_grid.png") as grid:
+        assert np.array_equal(np.asarray(grid.convert("RGB")), np.asarray(expected))
+    wide = ARCH.to_dict()
+    wide["modalities"] = [{**m, "shape": [77, 16]} if m["name"] == "text" else m for m in wide["modalities"]]
+    with pytest.raises(
+        ValueError, match=r"components = .*its text has shape \(77, 8\), the run's network \(77, 16\)"
+    ):
+        load_components(str(model_dir), UViTConfig.from_dict(wide), torch.device("cpu"))
+
+
+def test_no_samples_without_an_image_text_network_or_components(shards, tmp_path, capsys):
+    train(TrainConfig(model="toy", data="toy", output_dir=str(tmp_path / "toy"), steps=2, batch_size=4,
+                      warmup_steps=1, sample_every=1, checkpoint_every=2))  # fmt: skip
+    err = capsys.readouterr().err
+    assert err.count("is not the image-text layout") == 1  # said once, not at every step
+    assert not (tmp_path / "toy" / "samples").exists()
+    train(config(tmp_path / "bare", shards, model=ARCH.to_dict(), steps=2, sample_every=1))
+    assert capsys.readouterr().err.count("no components are given") == 1
+    assert not (tmp_path / "bare" / "samples").exists()
