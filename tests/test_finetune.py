@@ -1,4 +1,4 @@
-"""Fine-tuning from released weights, and periodic samples.
+"""Fine-tuning from released weights, the caption decoder's training stage, and periodic samples.
 
 Everything runs on tiny models: a width-32 U-ViT saved under the released names with a
 release_config.json (as loading.py documents), feature shards of its shapes written here, and the
@@ -33,8 +33,14 @@ from unidiffuser.training import (
 )
 from unidiffuser.training.checkpoint import pretrained_source
 from unidiffuser.training.cli import main as cli
-from unidiffuser.training.config import parse_toml
-from unidiffuser.training.trainer import load_components
+from unidiffuser.training.config import DecoderTrainConfig, parse_toml
+from unidiffuser.training.decoder import (
+    initial_decoder,
+    load_decoder_checkpoint,
+    train_decoder,
+    write_caption_features,
+)
+from unidiffuser.training.trainer import RunLog, load_components
 
 # The released network's keyword arguments, shrunk: the architecture of tiny_network_config().
 OFFICIAL_KWARGS = {
@@ -277,3 +283,138 @@ def test_no_samples_without_an_image_text_network_or_components(shards, tmp_path
     train(config(tmp_path / "bare", shards, model=ARCH.to_dict(), steps=2, sample_every=1))
     assert capsys.readouterr().err.count("no components are given") == 1
     assert not (tmp_path / "bare" / "samples").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The caption decoder's training stage
+
+
+def decoder_config(out: Path, captions: Path, **kw) -> DecoderTrainConfig:
+    base = dict(
+        captions=str(captions), output_dir=str(out), steps=60, batch_size=8, lr=1e-2, warmup_steps=5,
+        checkpoint_every=30, log_every=10, seed=0,
+    )  # fmt: skip
+    return DecoderTrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def captions_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("captions") / "captions.txt"
+    path.write_text("\n".join(CAPTIONS) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def learned(model_dir, captions_file, tmp_path_factory):
+    """60 steps from the tiny model's random decoder, with its text encoder."""
+    run = tmp_path_factory.mktemp("decoder") / "run"
+    return run, train_decoder(decoder_config(run, captions_file, init_from=str(model_dir)))
+
+
+def reproduced(decoder, features) -> int:
+    with torch.no_grad():
+        return sum(a == b for a, b in zip(decoder.generate(decoder.encode(features)), CAPTIONS, strict=True))
+
+
+def test_the_decoder_learns_to_read_captions_back(model_dir, learned):
+    run, result = learned
+    pipe = tiny_pipeline(seed=0)  # the components saved in model_dir
+    with torch.no_grad():
+        features = pipe.text_encoder(CAPTIONS)  # (8, 77, 16)
+    assert reproduced(pipe.caption_decoder, features) == 0  # where it started
+    assert reproduced(result.decoder, features) >= 6  # most captions, from their own features
+    assert losses(run)[60] < losses(run)[10] / 3
+
+    # A checkpoint holds the files of our model format and loads back to the same decoder.
+    ckpt = run / "checkpoints" / "step_000060"
+    assert {"caption_decoder.safetensors", "caption_decoder.json", "caption_tokenizer", "optimizer.pt",
+            "state.json"} <= {p.name for p in ckpt.iterdir()}  # fmt: skip
+    loaded = load_decoder_checkpoint(ckpt)
+    assert loaded.config == result.decoder.config
+    with torch.no_grad():
+        assert loaded.generate(loaded.encode(features)) == result.decoder.generate(
+            result.decoder.encode(features)
+        )
+
+
+def test_decoder_resume_continues_from_the_saved_step(model_dir, captions_file, tmp_path):
+    cfg = decoder_config(tmp_path / "straight", captions_file, init_from=str(model_dir), steps=6,
+                         checkpoint_every=3, log_every=1, batch_size=3)  # fmt: skip
+    straight = train_decoder(cfg)
+    cfg = DecoderTrainConfig(**{**cfg.to_dict(), "output_dir": str(tmp_path / "run")})
+    half = train_decoder(DecoderTrainConfig(**{**cfg.to_dict(), "steps": 3}))
+    assert half.step == 3
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        train_decoder(cfg)
+    resumed = train_decoder(DecoderTrainConfig(**{**cfg.to_dict(), "resume": True}))
+    assert resumed.step == 6
+    assert sorted(losses(tmp_path / "run")) == [1, 2, 3, 4, 5, 6]  # 4, 5, 6 after the resume
+    # the same captions, dropout and optimizer state as without the interruption
+    assert losses(tmp_path / "run") == pytest.approx(losses(tmp_path / "straight"), rel=0, abs=1e-6)
+    for k, v in straight.decoder.state_dict().items():
+        torch.testing.assert_close(resumed.decoder.state_dict()[k], v, rtol=0, atol=1e-6, msg=k)
+
+
+def test_decoder_from_pretrained_gpt2_on_precomputed_features(model_dir, tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from unidiffuser.components.caption import ENDOFTEXT_TOKEN, tiny_gpt2_tokenizer
+
+    # A "pretrained" GPT-2 folder: weights and a tokenizer without the caption end token.
+    tokenizer = tiny_gpt2_tokenizer(eos_token=ENDOFTEXT_TOKEN)
+    torch.manual_seed(5)
+    gpt = GPT2LMHeadModel(
+        GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=len(tokenizer), n_positions=128)
+    )
+    gpt.save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(str(tmp_path / "gpt2"))
+    # Precomputed features of another width than the tiny preset's 16.
+    features = torch.randn(len(CAPTIONS), 77, 24, generator=torch.Generator().manual_seed(0))
+    write_caption_features(tmp_path / "features" / "part-0.safetensors", features, CAPTIONS)
+
+    cfg = decoder_config(tmp_path / "run", tmp_path / "features", init_from=str(tmp_path / "gpt2"),
+                         decoder="tiny", steps=2, checkpoint_every=2, log_every=1)  # fmt: skip
+    log = RunLog(tmp_path / "log", enabled=True)
+    decoder, encoder = initial_decoder(cfg, 24, log)
+    assert encoder is None and decoder.config.feature_dim == 24 and decoder.config.prefix_dim == 8
+    assert len(decoder.tokenizer) == len(tokenizer) + 1  # '<|EOS|>' added, the token table grown
+    pretrained = gpt.state_dict()
+    for k, v in decoder.gpt.state_dict().items():
+        if "wte" not in k and "lm_head" not in k:
+            assert torch.equal(v, pretrained[k]), k
+    assert torch.equal(
+        decoder.gpt.transformer.wte.weight[: len(tokenizer)], pretrained["transformer.wte.weight"]
+    )
+
+    # The command line: the same run, then its checkpoint seeds another.
+    argv = ["train-decoder", "--captions", str(tmp_path / "features"), "--init-from", str(tmp_path / "gpt2"),
+            "--decoder", "tiny", "--output-dir", str(tmp_path / "run"), "--steps", "2", "--batch-size", "4",
+            "--lr", "1e-3", "--warmup-steps", "1", "--log-every", "1"]  # fmt: skip
+    assert cli(argv) == 0
+    assert "trained the caption decoder to step 2" in capsys.readouterr().out
+    assert all(map(math.isfinite, losses(tmp_path / "run").values()))
+    argv[argv.index("--init-from") + 1] = str(tmp_path / "run")
+    argv[argv.index("--output-dir") + 1] = str(tmp_path / "run2")
+    assert cli(argv) == 0
+
+
+def test_decoder_command_line_help_and_errors(captions_file, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "unidiffuser.training.cli", "train-decoder", "--help"],
+        capture_output=True,
+        text=True,
+    ).stdout
+    text = " ".join(out.split())
+    for name in DecoderTrainConfig.__dataclass_fields__:
+        assert f"--{name.replace('_', '-')}" in text, name
+    assert "(default: 2e-05)" in text and "must come first" not in text and "comes first" in text
+    assert cli(["train-decoder", "--dry-run"]) == 2
+    assert "captions is required" in capsys.readouterr().err
+    assert cli(["train-decoder", "--captions", str(captions_file), "--steps", "0", "--dry-run"]) == 2
+    assert "steps = 0: must be >= 1" in capsys.readouterr().err
+    argv = ["train-decoder", "--captions", str(captions_file), "--output-dir", str(tmp_path)]
+    assert cli(argv) == 2  # text captions need a text encoder
+    assert "text_encoder: the captions are text" in capsys.readouterr().err

@@ -1,8 +1,9 @@
 """Training: ``TrainConfig`` -> ``train`` on accelerate, feature shards, atomic checkpoints;
-fine-tuning from released weights.
+fine-tuning from released weights; the caption decoder's stage (``DecoderTrainConfig`` ->
+``train_decoder``), which comes first when the text encoder changes.
 
-``train`` and ``TrainResult`` are imported on first use (they bring in accelerate), so that
-``unidiffuser --help`` stays fast.
+``train``, ``TrainResult``, ``train_decoder`` and ``DecoderTrainResult`` are imported on first use
+(they bring in accelerate and transformers), so that ``unidiffuser --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -20,15 +21,18 @@ from .checkpoint import (
     pretrained_source,
     save_checkpoint,
 )
-from .config import TrainConfig, load_config
+from .config import DecoderTrainConfig, TrainConfig, load_config
 from .data import DataStream, FeatureShards, ToyExamples, sample_latent, write_feature_shard
 
 if TYPE_CHECKING:
+    from .decoder import DecoderTrainResult, train_decoder
     from .trainer import TrainResult, train
 
 __all__ = [
     "Checkpoint",
     "DataStream",
+    "DecoderTrainConfig",
+    "DecoderTrainResult",
     "FeatureShards",
     "PretrainedSource",
     "ToyExamples",
@@ -44,6 +48,7 @@ __all__ = [
     "sample_latent",
     "save_checkpoint",
     "train",
+    "train_decoder",
     "write_feature_shard",
 ]
 
@@ -53,4 +58,8 @@ def __getattr__(name: str) -> Any:
         from . import trainer
 
         return getattr(trainer, name)
+    if name in ("train_decoder", "DecoderTrainResult"):
+        from . import decoder
+
+        return getattr(decoder, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

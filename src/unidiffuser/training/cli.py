@@ -1,4 +1,5 @@
-"""`unidiffuser train`: options from a TOML file and/or flags (flags win), then the trainer.
+"""`unidiffuser train` and `unidiffuser train-decoder`: options from a TOML file and/or flags
+(flags win), then the trainer of that stage.
 
 Registered in ``unidiffuser.cli`` through COMMAND_MODULES; also runnable on its own, e.g.
 ``torchrun --nproc_per_node 2 -m unidiffuser.training.cli train --config run.toml``.
@@ -14,7 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from ..objective import WEIGHTINGS
-from .config import FIELD_HELP, MIXED_PRECISION, TrainConfig, load_config
+from .config import (
+    DECODER_FIELD_HELP,
+    DECODER_PRECISION,
+    FIELD_HELP,
+    MIXED_PRECISION,
+    DecoderTrainConfig,
+    TrainConfig,
+    load_config,
+    to_toml,
+)
 
 DESCRIPTION = """\
 Train or fine-tune a UniDiffuser network with the paper's objective, on one CPU, one GPU or many.
@@ -28,7 +38,20 @@ checkpoints go to OUTPUT_DIR/checkpoints/step_N/. Several processes:
 Fine-tuning the released model: --init-from uvit_v1.pth (or the release directory, a diffusers
 directory, one of our model directories or checkpoints); without --model the network takes the
 architecture of those weights. With --components MODEL_DIR --sample-every N, sample grids from the
-EMA network go to OUTPUT_DIR/samples/step_N/.
+EMA network go to OUTPUT_DIR/samples/step_N/. A new text encoder needs its caption decoder first:
+see `unidiffuser train-decoder --help`.
+"""
+
+DECODER_DESCRIPTION = """\
+Train the caption decoder: GPT-2 and its bottleneck (features -> prefix_dim -> GPT-2 width) learn to
+reconstruct captions from the frozen CLIP text encoder's features. This stage comes first when the
+text encoder changes: the U-ViT is then trained on the latents of the decoder it leaves.
+
+Options come from --config (a TOML file of the keys below, in snake_case) and from flags, which
+override the file. Checkpoints go to OUTPUT_DIR/checkpoints/step_N/ (caption_decoder.safetensors,
+caption_decoder.json, caption_tokenizer/: the files of a model directory); --resume continues.
+Example, from pretrained GPT-2 with the text encoder of a model directory:
+  unidiffuser train-decoder --captions captions.txt --text-encoder MODEL_DIR --init-from gpt2/
 """
 
 
@@ -114,7 +137,7 @@ def config_overrides(args: argparse.Namespace, cls: type) -> dict[str, Any]:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``train`` subcommand."""
+    """Add the ``train`` and ``train-decoder`` subcommands."""
     parser = subparsers.add_parser(
         "train",
         help="train or fine-tune a network (one CPU to many GPUs)",
@@ -127,6 +150,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--dry-run", action="store_true", help="print the resolved options as TOML and exit")
     parser.set_defaults(func=cmd_train)
+
+    parser = subparsers.add_parser(
+        "train-decoder",
+        help="train the caption decoder (GPT-2 + bottleneck) on captions; precedes `train` on new text encoders",
+        description=DECODER_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", type=Path, metavar="TOML", help="TOML file of options (default: none)")
+    add_config_arguments(
+        parser, DecoderTrainConfig, DECODER_FIELD_HELP, {"mixed_precision": DECODER_PRECISION}
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved options as TOML and exit")
+    parser.set_defaults(func=cmd_train_decoder)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -158,6 +194,28 @@ def cmd_train(args: argparse.Namespace) -> int:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     print(f"trained to step {result.step}; last checkpoint {result.checkpoint}")
+    return 0
+
+
+def cmd_train_decoder(args: argparse.Namespace) -> int:
+    """Resolve the options, then train the caption decoder (or print them with --dry-run)."""
+    from .decoder import train_decoder
+
+    try:
+        config = load_config(args.config, config_overrides(args, DecoderTrainConfig), cls=DecoderTrainConfig)
+    except ValueError as e:
+        print(f"unidiffuser train-decoder: error: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print("# unidiffuser train-decoder: resolved options (save as a file and pass it to --config)")
+        print(to_toml(config.to_dict()), end="")
+        return 0
+    try:
+        result = train_decoder(config)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"unidiffuser train-decoder: error: {e}", file=sys.stderr)
+        return 2
+    print(f"trained the caption decoder to step {result.step}; last checkpoint {result.checkpoint}")
     return 0
 
 

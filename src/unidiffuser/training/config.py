@@ -6,7 +6,7 @@ Defaults follow the paper's recipe (UNIDIFFUSER.md section 4, U-ViT's optimiser)
 Every check raises a ValueError that names the key, the value and a fix. ``load_config`` merges a
 TOML file with overrides (flags win); ``TrainConfig.to_toml`` writes a file that loads back to the
 same config. The helpers below (type checks, TOML, unknown keys) serve every config of a training
-stage.
+stage; the caption decoder's stage (``DecoderTrainConfig`` below) uses them too.
 """
 
 from __future__ import annotations
@@ -235,6 +235,107 @@ FIELD_HELP: dict[str, str] = {
     "sample_prompts": "prompts of the text-to-image samples",
     "sample_images": "pictures to caption in the image-to-text samples; none: the text-to-image samples",
     "sample_steps": "solver steps of each sample",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The caption decoder's stage
+
+DECODER_PRECISION = ("no", "bf16")
+
+
+@dataclass(frozen=True)
+class DecoderTrainConfig:
+    """The caption decoder's training stage (``decoder.train_decoder``); see ``DECODER_FIELD_HELP``.
+
+    Defaults follow ClipCap, whose prefix decoder UniDiffuser's is: AdamW at 2e-5 with 5000 warm-up
+    steps, GPT-2 trained along with the bottleneck.
+    """
+
+    captions: str
+    text_encoder: str | None = None
+    init_from: str | None = None
+    decoder: str | Mapping[str, Any] = "released"
+    tokenizer: str | None = None
+    output_dir: str = "runs/caption-decoder"
+    steps: int = 20_000
+    batch_size: int = 64
+    lr: float = 2e-5
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 5000
+    grad_clip: float = 1.0
+    max_length: int = 67
+    mixed_precision: str = "no"
+    device: str = "auto"
+    checkpoint_every: int = 1000
+    keep_last: int = 3
+    log_every: int = 50
+    seed: int = 0
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        if isinstance(self.decoder, Mapping):
+            object.__setattr__(self, "decoder", json.loads(json.dumps(self.decoder)))
+        _check_minimums(self, max_length=2)
+        _check_optimizer(self, recipe="0.01 (ClipCap's)", betas="[0.9, 0.999]")
+        if self.mixed_precision not in DECODER_PRECISION:
+            _fail(
+                "mixed_precision",
+                self.mixed_precision,
+                f"is not one of {DECODER_PRECISION}",
+                'use "bf16" on recent GPUs, "no" elsewhere',
+            )
+        if not self.captions:
+            _fail(
+                "captions", self.captions, "is empty", "name a captions file or a directory of feature shards"
+            )
+        if not self.output_dir:
+            _fail("output_dir", self.output_dir, "is empty", "name the run's directory")
+        for key in ("text_encoder", "init_from", "tokenizer"):
+            if getattr(self, key) == "":
+                _fail(key, "", "is empty", "leave it out or name a path")
+        if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda", "mps"):
+            _fail("device", self.device, "is no device", 'use "auto", "cpu", "cuda" or "cuda:N"')
+
+    def to_dict(self) -> dict[str, Any]:
+        return plain_dict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: str = "config") -> DecoderTrainConfig:
+        return from_plain_dict(cls, d, source, ALIASES)
+
+
+DECODER_FIELD_HELP: dict[str, str] = {
+    "captions": 'the captions: a .txt file (one per line), a .jsonl file (a "caption" or "text" field '
+    "per line), or a directory of caption feature shards (precomputed text features; see "
+    "unidiffuser.training.decoder)",
+    "text_encoder": "the frozen CLIP text encoder that turns captions into features: a model directory "
+    "(any layout) or a transformers CLIP folder; left out: init_from's, when that is a model directory",
+    "init_from": "where the decoder starts: a model directory (any layout; its caption decoder), a "
+    "train-decoder checkpoint or run directory, or a transformers GPT-2 folder (pretrained GPT-2, a new "
+    "bottleneck); left out: a random decoder",
+    "decoder": "architecture of a new decoder (random or from a GPT-2 folder): a preset (released, tiny) "
+    "or an inline CaptionDecoderConfig table; feature_dim always follows the text encoder",
+    "tokenizer": "GPT-2 tokenizer folder of a random decoder (the tiny preset has its own)",
+    "output_dir": "run directory: resolved config, log, checkpoints/",
+    "steps": "optimizer steps to train to (a resumed run continues up to this number)",
+    "batch_size": "captions per optimizer step",
+    "lr": "peak learning rate of AdamW",
+    "weight_decay": "AdamW weight decay (never on norms, biases, embedding tables)",
+    "betas": "AdamW betas",
+    "warmup_steps": "steps of linear learning-rate warm-up from 0",
+    "grad_clip": "clip the global gradient norm to this; 0 turns clipping off",
+    "max_length": "caption tokens kept, the end token included (the released search generates up to 67)",
+    "mixed_precision": f"autocast precision, one of {', '.join(DECODER_PRECISION)}",
+    "device": 'where to train: "auto" (CUDA if available), "cpu", "cuda", "cuda:N"',
+    "checkpoint_every": "save a checkpoint every this many steps (and at the last step)",
+    "keep_last": "keep this many newest checkpoints",
+    "log_every": "log the loss, learning rate and throughput every this many steps",
+    "seed": "seed of a random decoder, the caption order and dropout",
+    "resume": "continue from the newest complete checkpoint in output_dir",
 }
 
 
