@@ -37,6 +37,8 @@ from unidiffuser.training.config import DecoderTrainConfig, parse_toml
 from unidiffuser.training.decoder import (
     initial_decoder,
     load_decoder_checkpoint,
+    open_captions,
+    read_captions,
     train_decoder,
     write_caption_features,
 )
@@ -136,7 +138,7 @@ def test_fine_tune_from_the_released_file(released, shards, tmp_path, monkeypatc
     assert UViTConfig.from_dict(resolved["model_config"]) == ARCH  # that of release_config.json
     assert "model" not in parse_toml((run / "config.toml").read_text())
     assert sorted(losses(run)) == [1, 2] and all(map(math.isfinite, losses(run).values()))
-    moved = max((v - started[k]).abs().max().item() for k, v in result.model.state_dict().items())
+    moved = max((v.cpu() - started[k].cpu()).abs().max().item() for k, v in result.model.state_dict().items())
     assert moved > 1e-5  # it trained
 
     # The result saves and reloads: the checkpoint's EMA rebuilds the same network.
@@ -152,7 +154,7 @@ def test_fine_tune_from_the_released_file(released, shards, tmp_path, monkeypatc
     }  # fmt: skip
     times = {"image": torch.tensor([10.0, 500.0]), "text": torch.tensor([999.0, 0.0])}
     with torch.no_grad():
-        expected, got = result.ema(inputs, times), again(inputs, times)
+        expected, got = result.ema.cpu()(inputs, times), again(inputs, times)
     for k in expected:
         torch.testing.assert_close(got[k], expected[k], rtol=0, atol=1e-6)
 
@@ -243,7 +245,7 @@ def test_sample_grids_from_the_ema_network(model_dir, shards, tmp_path, capsys):
         run, shards, model=ARCH.to_dict(), steps=3, components=str(model_dir), sample_every=2,
         sample_prompts=prompts, sample_steps=2,
     )  # fmt: skip
-    train(cfg)
+    device = train(cfg).ema.device  # the trainer's (CUDA where there is one)
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_000002"]  # every 2 of 3 steps
     step = run / "samples" / "step_000002"
     assert sorted(p.name for p in step.iterdir()) == [
@@ -260,9 +262,9 @@ def test_sample_grids_from_the_ema_network(model_dir, shards, tmp_path, capsys):
     # The pictures are those of the EMA network at that step (saved in the step-2 checkpoint).
     ema = UViT(ARCH).eval()
     ema.load_state_dict(load_weights(run / "checkpoints" / "step_000002", "ema"))
-    components = load_components(str(model_dir), ARCH, torch.device("cpu"))
+    components = load_components(str(model_dir), ARCH, device)
     parts = ("autoencoder", "image_encoder", "text_encoder", "caption_decoder")
-    pipe = UniDiffuser(ema, *(getattr(components, k) for k in parts))
+    pipe = UniDiffuser(ema.to(device), *(getattr(components, k) for k in parts))
     expected = make_grid(pipe.text_to_image(list(prompts), steps=2, seed=0).images, list(prompts))
     with Image.open(step / "t2i_grid.png") as grid:
         assert np.array_equal(np.asarray(grid.convert("RGB")), np.asarray(expected))
@@ -318,11 +320,12 @@ def reproduced(decoder, features) -> int:
 
 def test_the_decoder_learns_to_read_captions_back(model_dir, learned):
     run, result = learned
+    decoder = result.decoder.cpu()  # trained on CUDA where there is one
     pipe = tiny_pipeline(seed=0)  # the components saved in model_dir
     with torch.no_grad():
         features = pipe.text_encoder(CAPTIONS)  # (8, 77, 16)
     assert reproduced(pipe.caption_decoder, features) == 0  # where it started
-    assert reproduced(result.decoder, features) >= 6  # most captions, from their own features
+    assert reproduced(decoder, features) >= 6  # most captions, from their own features
     assert losses(run)[60] < losses(run)[10] / 3
 
     # A checkpoint holds the files of our model format and loads back to the same decoder.
@@ -330,11 +333,9 @@ def test_the_decoder_learns_to_read_captions_back(model_dir, learned):
     assert {"caption_decoder.safetensors", "caption_decoder.json", "caption_tokenizer", "optimizer.pt",
             "state.json"} <= {p.name for p in ckpt.iterdir()}  # fmt: skip
     loaded = load_decoder_checkpoint(ckpt)
-    assert loaded.config == result.decoder.config
+    assert loaded.config == decoder.config
     with torch.no_grad():
-        assert loaded.generate(loaded.encode(features)) == result.decoder.generate(
-            result.decoder.encode(features)
-        )
+        assert loaded.generate(loaded.encode(features)) == decoder.generate(decoder.encode(features))
 
 
 def test_decoder_resume_continues_from_the_saved_step(model_dir, captions_file, tmp_path):
@@ -397,6 +398,14 @@ def test_decoder_from_pretrained_gpt2_on_precomputed_features(model_dir, tmp_pat
     argv[argv.index("--output-dir") + 1] = str(tmp_path / "run2")
     assert cli(argv) == 0
 
+    # The caption decoder's reduced latents are no text-encoder features.
+    write_feature_shard(
+        tmp_path / "reduced" / "part-0.safetensors", {"text": torch.zeros(8, 77, 8)},
+        {"captions": CAPTIONS, "text_features": "reduced"},
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="reduced text latents, not the text encoder's features"):
+        open_captions(tmp_path / "reduced")
+
 
 def test_decoder_command_line_help_and_errors(captions_file, tmp_path, capsys):
     import subprocess
@@ -418,3 +427,9 @@ def test_decoder_command_line_help_and_errors(captions_file, tmp_path, capsys):
     argv = ["train-decoder", "--captions", str(captions_file), "--output-dir", str(tmp_path)]
     assert cli(argv) == 2  # text captions need a text encoder
     assert "text_encoder: the captions are text" in capsys.readouterr().err
+    lines = [json.dumps({"caption": "a cat"}), "", json.dumps({"text": "a dog", "key": 3})]
+    (tmp_path / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    assert read_captions(tmp_path / "captions.jsonl") == ["a cat", "a dog"]
+    (tmp_path / "bad.jsonl").write_text('{"url": "x"}\n')
+    with pytest.raises(ValueError, match='line 1 is no JSON object with a "caption" or "text"'):
+        read_captions(tmp_path / "bad.jsonl")
