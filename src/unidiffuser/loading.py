@@ -122,7 +122,7 @@ def _load_ours(path: Path):
     autoencoder = ImageAutoencoder.load(_require(path / "autoencoder.safetensors", "autoencoder weights"))
     image_encoder = ClipImageEmbedder.from_pretrained_dir(_require(path / "image_encoder", "image encoder"))
     text_encoder = ClipTextEncoder.from_pretrained_dir(_require(path / "text_encoder", "text encoder"))
-    tokenizer = _load_tokenizer(_require(path / "caption_tokenizer", "caption tokenizer"))
+    tokenizer = load_tokenizer(_require(path / "caption_tokenizer", "caption tokenizer"))
     decoder = CaptionDecoder.from_state_dict(
         read_weights(_require(path / "caption_decoder.safetensors", "caption decoder weights")),
         CaptionDecoderConfig.from_dict(meta["caption_decoder"]),
@@ -173,7 +173,7 @@ def _jsonable(value):
     raise TypeError(f"cannot store {type(value).__name__} in unidiffuser.json")
 
 
-def _load_tokenizer(path: Path):
+def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
     try:
@@ -209,7 +209,7 @@ def _load_release(path: Path):
     text_encoder = ClipTextEncoder.from_pretrained_dir(
         _require(path / "clip-vit-large-patch14", "CLIP ViT-L/14 folder")
     )
-    tokenizer = _with_eos(_load_tokenizer(_require(path / "gpt2", "GPT-2 tokenizer folder")))
+    tokenizer = with_eos(load_tokenizer(_require(path / "gpt2", "GPT-2 tokenizer folder")))
     decoder_config = (
         CaptionDecoderConfig.from_dict(custom["caption_decoder"])
         if "caption_decoder" in custom
@@ -221,7 +221,7 @@ def _load_release(path: Path):
     return UniDiffuser(network, autoencoder, image_encoder, text_encoder, decoder.frozen(), data_type=1)
 
 
-def _with_eos(tokenizer):
+def with_eos(tokenizer):
     """GPT-2's tokenizer as released for captions: '<|EOS|>' added as its eos token."""
     from .components.caption import EOS_TOKEN
 
@@ -233,7 +233,7 @@ def _with_eos(tokenizer):
 # -- the diffusers layout -----------------------------------------------------------------------
 
 
-def _diffusers_weights(folder: Path) -> dict[str, torch.Tensor]:
+def diffusers_weights(folder: Path) -> dict[str, torch.Tensor]:
     for name in (
         "diffusion_pytorch_model.safetensors",
         "model.safetensors",
@@ -254,17 +254,17 @@ def _load_diffusers(path: Path):
     unet_cfg = json.loads(_require(path / "unet" / "config.json", "unet config").read_text())
     network = UViT(config_from_diffusers(unet_cfg))
     load_state_dict_strict(
-        network, from_diffusers_keys(_diffusers_weights(path / "unet")), "diffusers UniDiffuserModel"
+        network, from_diffusers_keys(diffusers_weights(path / "unet")), "diffusers UniDiffuserModel"
     )
     vae_cfg = json.loads(_require(path / "vae" / "config.json", "vae config").read_text())
-    autoencoder = ImageAutoencoder.from_diffusers_state_dict(_diffusers_weights(path / "vae"), vae_cfg)
+    autoencoder = ImageAutoencoder.from_diffusers_state_dict(diffusers_weights(path / "vae"), vae_cfg)
     image_encoder = ClipImageEmbedder.from_pretrained_dir(_require(path / "image_encoder", "image encoder"))
     text_encoder = ClipTextEncoder.from_pretrained_dir(
         _require(path / "text_encoder", "text encoder"),
         tokenizer_path=_require(path / "clip_tokenizer", "CLIP tokenizer"),
     )
     dec_cfg = json.loads(_require(path / "text_decoder" / "config.json", "text decoder config").read_text())
-    tokenizer = _with_eos(_load_tokenizer(_require(path / "text_tokenizer", "GPT-2 tokenizer")))
+    tokenizer = with_eos(load_tokenizer(_require(path / "text_tokenizer", "GPT-2 tokenizer")))
     config = CaptionDecoderConfig(
         prefix_dim=int(dec_cfg["prefix_hidden_dim"]),
         feature_dim=int(dec_cfg["prefix_inner_dim"]),
@@ -273,7 +273,7 @@ def _load_diffusers(path: Path):
     # diffusers' UniDiffuserTextDecoder names its GPT2LMHeadModel "transformer"; ours is "gpt"
     weights = {
         ("gpt." + k[len("transformer.") :] if k.startswith("transformer.") else k): v
-        for k, v in _diffusers_weights(path / "text_decoder").items()
+        for k, v in diffusers_weights(path / "text_decoder").items()
     }
     weights.pop("gpt.lm_head.weight", None)  # tied to the token embedding
     weights = {k: v for k, v in weights.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}

@@ -333,11 +333,11 @@ class PretrainedSource:
 
     def load(self) -> dict[str, Tensor]:
         """The weights as a state dict under our names (pickles read with weights_only=True)."""
-        from ..loading import _diffusers_weights, read_weights
+        from ..loading import diffusers_weights, read_weights
         from ..official import from_diffusers_keys, from_official_keys
 
         if self.names == "diffusers":
-            return from_diffusers_keys(_diffusers_weights(self.weights))
+            return from_diffusers_keys(diffusers_weights(self.weights))
         weights = read_weights(self.weights)
         return from_official_keys(weights) if self.names == "official" else weights
 

@@ -250,11 +250,11 @@ def load_text_encoder(path: str | Path) -> ClipTextEncoder:
 
 def load_decoder_checkpoint(path: str | Path) -> CaptionDecoder:
     """A caption decoder from a checkpoint of this stage (step_N directory), trainable."""
-    from ..loading import _load_tokenizer, read_weights
+    from ..loading import load_tokenizer, read_weights
 
     ckpt = read_checkpoint(path, kind=DECODER_FORMAT)
     config = CaptionDecoderConfig.from_dict(json.loads((ckpt.path / CONFIG_FILE).read_text()))
-    tokenizer = _load_tokenizer(ckpt.path / TOKENIZER_DIR)
+    tokenizer = load_tokenizer(ckpt.path / TOKENIZER_DIR)
     return CaptionDecoder.from_state_dict(read_weights(ckpt.path / WEIGHTS_FILE), config, tokenizer)
 
 
@@ -273,11 +273,11 @@ def _new_config(config: DecoderTrainConfig, feature_dim: int) -> CaptionDecoderC
 
 
 def _random_decoder(config: DecoderTrainConfig, feature_dim: int) -> CaptionDecoder:
-    from ..loading import _load_tokenizer, _with_eos
+    from ..loading import load_tokenizer, with_eos
 
     decoder_config = _new_config(config, feature_dim)
     if config.tokenizer:
-        tokenizer = _with_eos(_load_tokenizer(Path(config.tokenizer)))
+        tokenizer = with_eos(load_tokenizer(Path(config.tokenizer)))
     elif config.decoder == "tiny":
         tokenizer = tiny_gpt2_tokenizer()
     else:
@@ -292,9 +292,9 @@ def _gpt2_decoder(config: DecoderTrainConfig, path: Path, feature_dim: int) -> C
     """Pretrained GPT-2 (its token table grown by '<|EOS|>') under a new bottleneck."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from ..loading import _load_tokenizer, _with_eos
+    from ..loading import load_tokenizer, with_eos
 
-    tokenizer = _with_eos(_load_tokenizer(path))
+    tokenizer = with_eos(load_tokenizer(path))
     gpt = GPT2LMHeadModel.from_pretrained(str(path), local_files_only=True)
     gpt.resize_token_embeddings(len(tokenizer))
     defaults = GPT2Config()
