@@ -16,21 +16,21 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
     return value
 
 
-def _positive_float(text: str) -> float:
+def positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
     return value
 
 
-def _nonnegative_float(text: str) -> float:
+def nonnegative_float(text: str) -> float:
     value = float(text)
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
@@ -120,11 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
         description=cmd_demo.__doc__,
         formatter_class=fmt,
     )
-    demo.add_argument("--seconds", type=_positive_float, default=60.0, help="training time budget")
-    demo.add_argument("--steps", type=_positive_int, default=25, help="solver steps per sample")
-    demo.add_argument("--samples", type=_positive_int, default=1000, help="samples per mode")
+    demo.add_argument("--seconds", type=positive_float, default=60.0, help="training time budget")
+    demo.add_argument("--steps", type=positive_int, default=25, help="solver steps per sample")
+    demo.add_argument("--samples", type=positive_int, default=1000, help="samples per mode")
     demo.add_argument(
-        "--guidance", type=_nonnegative_float, default=3.0, help="guidance scale of the third column"
+        "--guidance", type=nonnegative_float, default=3.0, help="guidance scale of the third column"
     )
     demo.add_argument("--seed", type=int, default=0, help="seed of the world, training and sampling")
     demo.set_defaults(func=cmd_demo)

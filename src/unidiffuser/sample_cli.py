@@ -138,21 +138,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
-
-
-def _nonnegative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
-    return value
-
-
 def register(sub: argparse._SubParsersAction) -> None:
+    from .cli import nonnegative_float, positive_int
+
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = sub.add_parser(
         "sample", help="run a task of a model and write images, captions and settings",
@@ -166,9 +154,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     p.add_argument("--image", action="append", help="an image file (repeat for several)")
-    p.add_argument("-n", "--num-samples", type=_positive_int, default=1, help="samples per prompt or image")
-    p.add_argument("--steps", type=_positive_int, default=50, help="model evaluations of the solver")
-    p.add_argument("--guidance", type=_nonnegative_float, default=7.0, help="guidance scale s")
+    p.add_argument("-n", "--num-samples", type=positive_int, default=1, help="samples per prompt or image")
+    p.add_argument("--steps", type=positive_int, default=50, help="model evaluations of the solver")
+    p.add_argument("--guidance", type=nonnegative_float, default=7.0, help="guidance scale s")
     p.add_argument(
         "--guidance-mode", choices=("uncond", "empty"), default="uncond",
         help="unconditional term: the condition absent, or the empty prompt (t2i)",
@@ -176,9 +164,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--negative-prompt", default=None, help="a prompt to steer away from (t2i)")
     p.add_argument("--seed", type=int, default=0, help="seed of all noise")
     p.add_argument(
-        "--height", type=_positive_int, default=None, help="image height in pixels (multiple of 16)"
+        "--height", type=positive_int, default=None, help="image height in pixels (multiple of 16)"
     )
-    p.add_argument("--width", type=_positive_int, default=None, help="image width in pixels (multiple of 16)")
+    p.add_argument("--width", type=positive_int, default=None, help="image width in pixels (multiple of 16)")
     p.add_argument("--solver", choices=("dpm++3s", "dpm++2m", "ddim"), default="dpm++3s", help="ODE solver")
     p.add_argument("--data-type", type=int, choices=(0, 1), default=1, help="v1 data_type: 1 curated, 0 web")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

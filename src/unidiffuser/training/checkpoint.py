@@ -281,6 +281,25 @@ def find_checkpoints(
     return complete, incomplete
 
 
+def starting_checkpoint(
+    directory: str | Path, *, resume: bool, output_dir: str, note: Callable[[str], None], kind: str = FORMAT
+) -> Checkpoint | None:
+    """Where a run starts: the newest complete checkpoint when resuming, else None.
+
+    Incomplete or temporary checkpoints are reported through ``note`` and ignored; a directory
+    that already holds checkpoints is refused unless the run resumes, so nothing is overwritten.
+    """
+    complete, incomplete = find_checkpoints(directory, kind=kind)
+    for path, reason in incomplete:
+        note(f"ignoring incomplete checkpoint {path.name}: {reason}")
+    if complete and not resume:
+        raise ValueError(
+            f"output_dir = {output_dir!r} already holds checkpoints (newest {complete[-1].path.name}); "
+            "pass --resume to continue that run, or choose another output_dir"
+        )
+    return complete[-1] if complete and resume else None
+
+
 def latest_checkpoint(directory: str | Path, *, kind: str = FORMAT) -> Checkpoint | None:
     """The newest complete checkpoint in ``directory``, or None."""
     complete, _ = find_checkpoints(directory, kind=kind)

@@ -56,10 +56,10 @@ from ..components.caption import preset as caption_preset
 from ..components.clip import ClipTextEncoder
 from .checkpoint import (
     OPTIMIZER_FILE,
-    find_checkpoints,
     latest_checkpoint,
     load_training_state,
     read_checkpoint,
+    starting_checkpoint,
     write_checkpoint,
 )
 from .config import DecoderTrainConfig
@@ -468,15 +468,9 @@ def train_decoder(config: DecoderTrainConfig) -> DecoderTrainResult:
     log = RunLog(run_dir, enabled=True)
 
     # Where to start: the newest complete checkpoint (resume), or init_from, or a random decoder.
-    complete, incomplete = find_checkpoints(ckpt_dir, kind=DECODER_FORMAT)
-    for path, reason in incomplete:
-        log.note(f"ignoring incomplete checkpoint {path.name}: {reason}")
-    if complete and not config.resume:
-        raise ValueError(
-            f"output_dir = {config.output_dir!r} already holds checkpoints (newest {complete[-1].path.name}); "
-            "pass --resume to continue that run, or choose another output_dir"
-        )
-    start = complete[-1] if complete and config.resume else None
+    start = starting_checkpoint(
+        ckpt_dir, resume=config.resume, output_dir=config.output_dir, note=log.note, kind=DECODER_FORMAT
+    )
     data = open_captions(config.captions)
     decoder, encoder = initial_decoder(config, data.feature_dim, log, start.path if start else None)
     _write_text(run_dir / "config.toml", _toml(config))

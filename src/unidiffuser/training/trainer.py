@@ -53,12 +53,12 @@ from .checkpoint import (
     PretrainedSource,
     checkpoint_name,
     describe_difference,
-    find_checkpoints,
     load_training_state,
     load_weights,
     pretrained_source,
     replace_directory,
     save_checkpoint,
+    starting_checkpoint,
 )
 from .config import TrainConfig
 from .data import DataStream, derive_seed, open_source, resume_cursor
@@ -468,15 +468,7 @@ def train(config: TrainConfig) -> TrainResult:
     log = RunLog(run_dir, enabled=is_main)
 
     # Where to start: the newest complete checkpoint (resume), given weights (init_from), or random.
-    complete, incomplete = find_checkpoints(ckpt_dir)
-    for path, reason in incomplete:
-        log.note(f"ignoring incomplete checkpoint {path.name}: {reason}")
-    if complete and not config.resume:
-        raise ValueError(
-            f"output_dir = {config.output_dir!r} already holds checkpoints (newest {complete[-1].path.name}); "
-            "pass --resume to continue that run, or choose another output_dir"
-        )
-    start = complete[-1] if complete and config.resume else None
+    start = starting_checkpoint(ckpt_dir, resume=config.resume, output_dir=config.output_dir, note=log.note)
     if config.resume and start is None:
         log.note(f"resume: no complete checkpoint in {ckpt_dir}; starting from step 0")
     model_config, pretrained = resolve_architecture(config, start)
