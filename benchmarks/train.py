@@ -109,7 +109,7 @@ def run_row(
     with device:  # initialising a 1B-parameter model on the CPU is slow
         model = build_model(train_config, config)
     ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer, scheduler = build_optimizer(model, train_config)
+    optimizer, scheduler = build_optimizer(model, train_config, device)
     schedule = NoiseSchedule()
     g = torch.Generator().manual_seed(args.seed)
     features = feature_batch(config, batch, g)

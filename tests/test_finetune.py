@@ -125,9 +125,9 @@ def test_fine_tune_from_the_released_file(released, shards, tmp_path, monkeypatc
     started = {}
     real = trainer_module.build_optimizer
 
-    def spy(model, cfg):  # called once the starting weights are loaded, before any step
+    def spy(model, cfg, *args):  # called once the starting weights are loaded, before any step
         started.update({k: v.detach().clone() for k, v in model.state_dict().items()})
-        return real(model, cfg)
+        return real(model, cfg, *args)
 
     monkeypatch.setattr(trainer_module, "build_optimizer", spy)
     run = tmp_path / "run"

@@ -135,10 +135,14 @@ def warmup_factor(step: int, warmup_steps: int) -> float:
 
 
 def build_optimizer(
-    model: nn.Module, config: TrainConfig
+    model: nn.Module, config: TrainConfig, device: torch.device | str = "cpu"
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    # on CUDA the fused kernel updates all parameters in a few launches instead of hundreds
     optimizer = torch.optim.AdamW(
-        parameter_groups(model, config.weight_decay), lr=config.lr, betas=config.betas
+        parameter_groups(model, config.weight_decay),
+        lr=config.lr,
+        betas=config.betas,
+        fused=torch.device(device).type == "cuda" or None,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, functools.partial(warmup_factor, warmup_steps=config.warmup_steps)
@@ -149,8 +153,9 @@ def build_optimizer(
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
-    for e, p in zip(ema.parameters(), model.parameters(), strict=True):
-        e.lerp_(p.detach().to(e.dtype), 1.0 - decay)
+    ema_params = list(ema.parameters())
+    params = [p.detach().to(e.dtype) for e, p in zip(ema_params, model.parameters(), strict=True)]
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)  # one batched update, not one kernel each
     for e, b in zip(ema.buffers(), model.buffers(), strict=True):
         e.copy_(b)
 
@@ -495,7 +500,7 @@ def train(config: TrainConfig) -> TrainResult:
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     if start is not None:
         ema.load_state_dict(load_weights(start, "ema"))
-    optimizer, scheduler = build_optimizer(model, config)
+    optimizer, scheduler = build_optimizer(model, config, accelerator.device)
     source = open_source(config.data, model_config, config.seed)
     for path, reason in source.bad_shards:
         log.note(f"skipping shard {Path(path).name}: {reason}")
