@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -193,7 +194,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    print(f"trained to step {result.step}; last checkpoint {result.checkpoint}")
+    if os.environ.get("RANK", "0") == "0":  # one line per run, not per process
+        print(f"trained to step {result.step}; last checkpoint {result.checkpoint}")
     return 0
 
 
