@@ -15,8 +15,11 @@ Batches are a pure function of (seed, step), so a resumed run sees exactly the b
 uninterrupted run would have. Texts are padded with <|endoftext|> and fed without an attention
 mask, as ``ClipTextEncoder`` feeds them, so the trained text features are the ones used.
 
-Measured on this 2-core CPU (fp32, 32 px, batch 64): about 8.6 steps/s for the default config, so
-the default 3000 steps take about 6 minutes.
+Measured on a 2-core CPU (fp32, 32 px, batch 128, 2 threads): 13.4 steps/s; 3000 steps took 223 s
+and reached a held-out image -> text top-1 of 0.986 among 16 candidates (seen combinations: 0.996;
+chance 0.0625). The defaults (5000 steps of 128) take about 6-7 minutes there. With another process
+on the cores, ops this small stall on thread synchronisation: ``torch.set_num_threads(1)`` then runs
+at about 9 steps/s instead of crawling.
 """
 
 from __future__ import annotations
@@ -59,8 +62,8 @@ MODEL_FILE = "clip.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps its temperature so logits stay below 100
 
-DEFAULT_STEPS = 3000
-DEFAULT_BATCH_SIZE = 64
+DEFAULT_STEPS = 5000
+DEFAULT_BATCH_SIZE = 128
 DEFAULT_LR = 1e-3
 WARMUP_FRACTION = 0.05
 
