@@ -207,6 +207,9 @@ def test_saved_towers_load_and_match(trained):
     scenes = [sample_scene(rng, "heldout") for _ in range(4)]
     pictures = [render(s) for s in scenes]
     captions = [caption(s, rng) for s in scenes]
+    # training's preprocessing of rendered arrays is the wrapper's preprocessing of the pictures
+    arrays = np.stack([np.asarray(p) for p in pictures])
+    torch.testing.assert_close(clip_training.pixels(arrays), images.preprocess(pictures), rtol=0, atol=1e-6)
     with torch.no_grad():
         e = images(pictures)
         f = texts(captions)
