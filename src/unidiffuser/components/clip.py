@@ -206,6 +206,20 @@ def _bytes_to_unicode() -> list[str]:
     return [chars[b] for b in sorted(printable)] + [chars[b] for b in range(256) if b not in printable]
 
 
+def apply_merge(symbols: dict[str, list[str]], pair: tuple[str, str]) -> None:
+    """Join every adjacent occurrence of ``pair`` in each word's symbol list (one BPE merge), in place."""
+    for word, s in symbols.items():
+        merged, i = [], 0
+        while i < len(s):
+            if i + 1 < len(s) and (s[i], s[i + 1]) == pair:
+                merged.append(s[i] + s[i + 1])
+                i += 2
+            else:
+                merged.append(s[i])
+                i += 1
+        symbols[word] = merged
+
+
 def tiny_clip_tokenizer(num_merges: int = TINY_MERGES) -> CLIPTokenizer:
     """A small byte-level BPE tokenizer with CLIP's rules, learned from built-in captions.
 
@@ -243,16 +257,7 @@ def tiny_clip_tokenizer(num_merges: int = TINY_MERGES) -> CLIPTokenizer:
             raise ValueError(f"num_merges={num_merges}: the built-in captions allow only {len(merges)}")
         best = min(pairs, key=lambda p: (-pairs[p], p))
         merges.append(best)
-        for word in words:
-            s, merged, i = symbols[word], [], 0
-            while i < len(s):
-                if i + 1 < len(s) and (s[i], s[i + 1]) == best:
-                    merged.append(s[i] + s[i + 1])
-                    i += 2
-                else:
-                    merged.append(s[i])
-                    i += 1
-            symbols[word] = merged
+        apply_merge(symbols, best)
 
     base = _bytes_to_unicode()
     tokens = [

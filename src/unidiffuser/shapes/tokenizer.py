@@ -23,7 +23,7 @@ import numpy as np
 from transformers import CLIPTokenizer, PreTrainedTokenizerFast
 
 from ..components.caption import ENDOFTEXT_TOKEN, EOS_TOKEN
-from ..components.clip import MAX_LENGTH, _bytes_to_unicode
+from ..components.clip import MAX_LENGTH, _bytes_to_unicode, apply_merge
 from .captions import (
     BACKGROUND_CLAUSES,
     BACKGROUND_WORDS,
@@ -73,16 +73,7 @@ def _learn_merges(pieces: Counter[str], symbols: dict[str, list[str]]) -> list[t
             return merges
         best = min(pairs, key=lambda p: (-pairs[p], p))
         merges.append(best)
-        for piece in pieces:
-            s, merged, i = symbols[piece], [], 0
-            while i < len(s):
-                if i + 1 < len(s) and (s[i], s[i + 1]) == best:
-                    merged.append(s[i] + s[i + 1])
-                    i += 2
-                else:
-                    merged.append(s[i])
-                    i += 1
-            symbols[piece] = merged
+        apply_merge(symbols, best)
 
 
 def _count(sentences: Iterable[str], pre_tokenize) -> Counter[str]:
