@@ -206,6 +206,20 @@ def _bytes_to_unicode() -> list[str]:
     return [chars[b] for b in sorted(printable)] + [chars[b] for b in range(256) if b not in printable]
 
 
+def clip_tokenizer_from_merges(merges: list[tuple[str, str]]) -> CLIPTokenizer:
+    """A CLIP tokenizer in CLIP's vocabulary layout: bytes, word-final bytes, merges, specials."""
+    base = _bytes_to_unicode()
+    tokens = [
+        *base,
+        *(c + "</w>" for c in base),
+        *("".join(m) for m in merges),
+        "<|startoftext|>",
+        "<|endoftext|>",
+    ]
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_LENGTH)
+
+
 def apply_merge(symbols: dict[str, list[str]], pair: tuple[str, str]) -> None:
     """Join every adjacent occurrence of ``pair`` in each word's symbol list (one BPE merge), in place."""
     for word, s in symbols.items():
@@ -259,16 +273,7 @@ def tiny_clip_tokenizer(num_merges: int = TINY_MERGES) -> CLIPTokenizer:
         merges.append(best)
         apply_merge(symbols, best)
 
-    base = _bytes_to_unicode()
-    tokens = [
-        *base,
-        *(c + "</w>" for c in base),
-        *("".join(m) for m in merges),
-        "<|startoftext|>",
-        "<|endoftext|>",
-    ]
-    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_LENGTH)
+    return clip_tokenizer_from_merges(merges)
 
 
 # ---------------------------------------------------------------------------------------------

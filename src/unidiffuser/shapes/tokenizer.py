@@ -23,7 +23,7 @@ import numpy as np
 from transformers import CLIPTokenizer, PreTrainedTokenizerFast
 
 from ..components.caption import ENDOFTEXT_TOKEN, EOS_TOKEN
-from ..components.clip import MAX_LENGTH, _bytes_to_unicode, apply_merge
+from ..components.clip import MAX_LENGTH, _bytes_to_unicode, apply_merge, clip_tokenizer_from_merges
 from .captions import (
     BACKGROUND_CLAUSES,
     BACKGROUND_WORDS,
@@ -104,16 +104,7 @@ def build_clip_tokenizer(seed: int = 0) -> CLIPTokenizer:
 
     pieces = _count(_corpus(seed), pre_tokenize)
     merges = _learn_merges(pieces, {w: [*w[:-1], w[-1] + "</w>"] for w in pieces})
-    base = _bytes_to_unicode()
-    tokens = [
-        *base,
-        *(c + "</w>" for c in base),
-        *("".join(m) for m in merges),
-        "<|startoftext|>",
-        "<|endoftext|>",
-    ]
-    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_LENGTH)
+    return clip_tokenizer_from_merges(merges)
 
 
 def build_gpt2_tokenizer(seed: int = 0, eos_token: str = EOS_TOKEN) -> PreTrainedTokenizerFast:
