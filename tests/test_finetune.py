@@ -264,10 +264,17 @@ def test_sample_grids_from_the_ema_network(model_dir, shards, tmp_path, capsys):
     ema.load_state_dict(load_weights(run / "checkpoints" / "step_000002", "ema"))
     components = load_components(str(model_dir), ARCH, device)
     parts = ("autoencoder", "image_encoder", "text_encoder", "caption_decoder")
-    pipe = UniDiffuser(ema.to(device), *(getattr(components, k) for k in parts))
-    expected = make_grid(pipe.text_to_image(list(prompts), steps=2, seed=0).images, list(prompts))
+
+    def t2i_grid(network: UViT) -> np.ndarray:
+        pipe = UniDiffuser(network.to(device), *(getattr(components, k) for k in parts))
+        return np.asarray(make_grid(pipe.text_to_image(list(prompts), steps=2, seed=0).images, list(prompts)))
+
     with Image.open(step / "t2i_grid.png") as grid:
-        assert np.array_equal(np.asarray(grid.convert("RGB")), np.asarray(expected))
+        written = np.asarray(grid.convert("RGB")).astype(int)
+    # equal up to rounding: CPU kernels may differ in the last bits with the weights' memory alignment
+    assert np.abs(written - t2i_grid(ema)).max() <= 1
+    ema.load_state_dict(load_weights(run / "checkpoints" / "step_000003", "ema"))
+    assert np.abs(written - t2i_grid(ema)).max() > 1  # another step's network draws other pictures
     wide = ARCH.to_dict()
     wide["modalities"] = [{**m, "shape": [77, 16]} if m["name"] == "text" else m for m in wide["modalities"]]
     with pytest.raises(

@@ -1,6 +1,7 @@
 """Whole models on disk: our format, the release files, the diffusers layout, convert and sample."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from test_autoencoder import diffusers_to_ldm
 from unidiffuser.cli import main
 from unidiffuser.components.autoencoder import TINY
 from unidiffuser.components.caption import preset as caption_preset
+from unidiffuser.loading import COMPONENTS, load_components, load_pipeline
 from unidiffuser.official import to_diffusers_keys, to_official_keys
 from unidiffuser.pipeline import UniDiffuser
 from unidiffuser.tiny import tiny_pipeline
@@ -87,11 +89,13 @@ def test_release_files_load_to_the_same_model(pipe, image, release_dir):
     assert_same(fingerprint(pipe, image), fingerprint(loaded, image))
 
 
-def test_diffusers_layout_loads_to_the_same_model(pipe, image, tmp_path):
+@pytest.fixture(scope="module")
+def diffusers_dir(pipe, tmp_path_factory):
+    """The tiny model in the diffusers layout, written by diffusers' own classes."""
     from diffusers.pipelines.deprecated.unidiffuser.modeling_text_decoder import UniDiffuserTextDecoder
     from diffusers.pipelines.deprecated.unidiffuser.modeling_uvit import UniDiffuserModel
 
-    d = tmp_path / "hub"
+    d = tmp_path_factory.mktemp("hub")
     unet = UniDiffuserModel(
         text_dim=8, clip_img_dim=16, num_text_tokens=77, num_attention_heads=2, attention_head_dim=16,
         in_channels=4, out_channels=4, num_layers=2, sample_size=8, patch_size=2, activation_fn="gelu",
@@ -117,8 +121,56 @@ def test_diffusers_layout_loads_to_the_same_model(pipe, image, tmp_path):
     assert unexpected == [] and set(missing) <= {"transformer.lm_head.weight"}
     decoder.save_pretrained(d / "text_decoder", safe_serialization=False)  # tied weights: a pickle
     pipe.caption_decoder.tokenizer.save_pretrained(str(d / "text_tokenizer"))
-    loaded = UniDiffuser.from_pretrained(d)
+    return d
+
+
+def test_diffusers_layout_loads_to_the_same_model(pipe, image, diffusers_dir):
+    loaded = UniDiffuser.from_pretrained(diffusers_dir)
     assert_same(fingerprint(pipe, image), fingerprint(loaded, image))
+
+
+NETWORK_FILES = {
+    "ours": "network.safetensors",
+    "release": "uvit_v1.pth",
+    "diffusers": "unet/diffusion_pytorch_model.safetensors",
+}
+
+
+@pytest.mark.parametrize("layout", list(NETWORK_FILES))
+def test_components_load_without_reading_the_network(layout, pipe, release_dir, diffusers_dir, tmp_path):
+    """The network's weights file is corrupt; the components (and the network's config) still load."""
+    source = {"release": release_dir, "diffusers": diffusers_dir}.get(layout)
+    if source is None:
+        source = tmp_path / "saved"
+        pipe.save_pretrained(source)
+    copy = tmp_path / "copy"
+    shutil.copytree(source, copy)
+    assert (copy / NETWORK_FILES[layout]).is_file()
+    (copy / NETWORK_FILES[layout]).write_bytes(b"not a weights file")
+    with pytest.raises(ValueError, match="cannot read weights"):
+        load_pipeline(copy)  # the whole model needs that file
+
+    parts = load_components(copy)
+    assert parts.network_config == pipe.network.config and parts.data_type == pipe.data_type
+    for name in COMPONENTS:
+        expected, got = getattr(pipe, name).state_dict(), getattr(parts, name).state_dict()
+        assert expected.keys() == got.keys(), name
+        assert all(torch.equal(expected[k], got[k]) for k in expected), name
+        assert not any(p.requires_grad for p in getattr(parts, name).parameters()), name
+    assert parts.device == torch.device("cpu")
+
+    # one component: the other components' files are not needed either
+    for f in ("autoencoder.safetensors", "autoencoder_kl.pth", "vae"):
+        if (copy / f).is_dir():
+            shutil.rmtree(copy / f)
+        else:
+            (copy / f).unlink(missing_ok=True)
+    alone = load_components(copy, ["text_encoder"])
+    assert alone.autoencoder is alone.image_encoder is alone.caption_decoder is None
+    prompts = ["a red circle", "two blue squares"]
+    assert torch.equal(alone.text_encoder(prompts), pipe.text_encoder(prompts))
+    with pytest.raises(ValueError, match=r"components \['vae'\]: choose one or more of"):
+        load_components(copy, ["vae"])
 
 
 def test_convert_then_sample_from_the_command_line(release_dir, image, tmp_path, capsys):

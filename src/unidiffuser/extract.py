@@ -40,6 +40,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # heavy imports stay inside the functions: `unidiffuser --help` stays fast
     import torch
 
+    from .loading import Components
+    from .network import UViTConfig
     from .pipeline import UniDiffuser
     from .training.sources import Example, Part, Record
 
@@ -55,6 +57,7 @@ Bad items are skipped and counted. Reruns resume where they stopped. Several pro
   torchrun --nproc_per_node N -m unidiffuser.cli extract ...     (each takes every N-th part)
 """
 PIXEL_MULTIPLE = 16  # the autoencoder downsamples 8x and the network's patches are 2 latents wide
+DOWNSAMPLE = 8  # pixels per latent of the KL-f8 autoencoder (the pipeline's ``downsample``)
 
 
 @dataclass(frozen=True)
@@ -258,9 +261,12 @@ class Manifest:
 
 
 class FeatureEncoder:
-    """The frozen encoders of a pipeline, as extraction uses them (no sampling anywhere)."""
+    """The frozen encoders of a model, as extraction uses them (no sampling anywhere).
 
-    def __init__(self, pipe: UniDiffuser, text_features: str, save_dtype: torch.dtype):
+    ``pipe`` is a ``UniDiffuser`` or the ``loading.Components`` of a model directory.
+    """
+
+    def __init__(self, pipe: UniDiffuser | Components, text_features: str, save_dtype: torch.dtype):
         self.pipe = pipe
         self.text_features = text_features
         self.save_dtype = save_dtype
@@ -299,8 +305,9 @@ def extract(
 
     Args:
         config: the options.
-        pipeline: ``config.model`` already loaded (by default it is loaded here); its device
-            and dtype are used as they are.
+        pipeline: ``config.model`` already loaded (by default only the components extraction
+            uses are loaded here, not the network's weights); its device and dtype are used as
+            they are.
         rank, world_size: this process's place; by default from RANK and WORLD_SIZE.
         progress: show a progress bar (on rank 0).
         log: where notes go (default: standard error).
@@ -337,16 +344,21 @@ def extract(
         return result
 
     if pipeline is None:
-        from .pipeline import UniDiffuser
+        from .loading import load_components
 
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[config.dtype]
         device = resolve_device(config.device, local_rank)
-        pipeline = UniDiffuser.from_pretrained(config.model, device=device, dtype=dtype)
-    _check_model(pipeline, config, log if rank == 0 else None)
+        names = ["autoencoder", "image_encoder", "text_encoder"]
+        names += ["caption_decoder"] if config.text_features == "reduced" else []
+        encoders = load_components(config.model, names, device=device, dtype=dtype)
+        architecture = encoders.network_config
+    else:
+        encoders, architecture = pipeline, pipeline.network.config
+    _check_model(architecture, config, log if rank == 0 else None)
     save_dtype = {"fp16": torch.float16, "fp32": torch.float32}[config.save_dtype]
-    encode = FeatureEncoder(pipeline, config.text_features, save_dtype)
+    encode = FeatureEncoder(encoders, config.text_features, save_dtype)
     meta = {
-        "moments": {"img": float(pipeline.autoencoder.scale_factor)},
+        "moments": {"img": float(encoders.autoencoder.scale_factor)},
         "constants": {"data_type": config.data_type},
         "text_features": config.text_features,
         "resolution": config.resolution,
@@ -354,7 +366,7 @@ def extract(
     }
     log(
         f"{tag}{len(todo)} of {len(mine)} parts to extract ({result.parts_done_before} done before) "
-        f"from {source!r} on {pipeline.device}"
+        f"from {source!r} on {encoders.device}"
     )
 
     total = sum(p.size for p in todo) if all(p.size is not None for p in todo) else None
@@ -376,20 +388,23 @@ def extract(
     return result
 
 
-def _check_model(pipe: UniDiffuser, config: ExtractConfig, log: Callable[[str], None] | None) -> None:
-    step = pipe.patch_pixels
+def _check_model(architecture: UViTConfig, config: ExtractConfig, log: Callable[[str], None] | None) -> None:
+    """The settings against the model's network: pixel multiple, data_type label, trained size."""
+    img = architecture.modality("img")
+    step = img.patch_size * DOWNSAMPLE
     if config.resolution % step:
         raise ValueError(f"resolution={config.resolution}: this model needs a multiple of {step} pixels")
-    label = next((m for m in pipe.network.config.labels if m.name == "data_type"), None)
+    label = next((m for m in architecture.labels if m.name == "data_type"), None)
     if label is not None and config.data_type >= label.num_classes:
         raise ValueError(
             f"data_type={config.data_type}: the model's data_type label takes 0 .. {label.num_classes - 1}"
         )
-    if log is not None and (config.resolution,) * 2 != pipe.default_size:
-        side = config.resolution // pipe.downsample
+    trained = (img.shape[1] * DOWNSAMPLE, img.shape[2] * DOWNSAMPLE)
+    if log is not None and (config.resolution,) * 2 != trained:
+        side = config.resolution // DOWNSAMPLE
         log(
             f"note: resolution {config.resolution} gives {side}x{side} latents; this model's network "
-            f"was built for {pipe.default_size[0]}x{pipe.default_size[1]} pixels: train a network of that size"
+            f"was built for {trained[0]}x{trained[1]} pixels: train a network of that size"
         )
 
 

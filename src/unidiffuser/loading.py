@@ -21,6 +21,10 @@ tests and fine-tuning build small checkpoints in the released format.
 The diffusers layout (the Hub repository thu-ml/unidiffuser-v1): folders ``unet``, ``vae``,
 ``text_encoder``, ``clip_tokenizer``, ``image_encoder``, ``text_decoder``, ``text_tokenizer``, read
 directly. Nothing is ever downloaded, and pickles are read with ``torch.load(weights_only=True)``.
+
+``load_pipeline`` reads a whole model. ``load_components`` reads only the components it is asked
+for and the network's config, never the U-ViT's weights: feature extraction and training's sample
+grids use a directory's frozen encoders and decoder, not its network, which is the largest file.
 """
 
 from __future__ import annotations
@@ -29,10 +33,14 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from .network import PRESETS, UViT, UViTConfig
 from .official import (
@@ -91,46 +99,156 @@ def detect_layout(path: str | Path) -> str:
     )
 
 
+COMPONENTS = ("autoencoder", "image_encoder", "text_encoder", "caption_decoder")
+
+
+@dataclass
+class Components:
+    """Frozen components of a model directory without its network, whose weights stay unread.
+
+    Attributes:
+        network_config: the architecture of the directory's network, from its config files.
+        data_type: the directory's data_type label for sampling.
+        autoencoder, image_encoder, text_encoder, caption_decoder: the components asked for;
+            None for the others.
+    """
+
+    network_config: UViTConfig
+    data_type: int = 1
+    autoencoder: Any = None
+    image_encoder: Any = None
+    text_encoder: Any = None
+    caption_decoder: Any = None
+
+    def loaded(self) -> list[nn.Module]:
+        return [part for part in (getattr(self, name) for name in COMPONENTS) if part is not None]
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Components:
+        for part in self.loaded():
+            part.to(device=device, dtype=dtype)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.loaded()[0].parameters()).device
+
+
 def load_pipeline(
     path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ):
     """Load a model directory in any supported layout as a ``UniDiffuser`` pipeline."""
-    layout = detect_layout(path)
-    loader = {"ours": _load_ours, "release": _load_release, "diffusers": _load_diffusers}[layout]
-    pipe = loader(Path(path))
+    from .pipeline import UniDiffuser
+
+    directory = model_directory(path)
+    network = directory.network()
+    parts = [getattr(directory, name)() for name in COMPONENTS]
+    pipe = UniDiffuser(network, *parts, data_type=directory.data_type)
     return pipe.to(device=torch.device(device), dtype=dtype)
+
+
+def load_components(
+    path: str | Path,
+    names: Sequence[str] = COMPONENTS,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Components:
+    """Only the named components of a model directory (any layout); its U-ViT weights are not read.
+
+    Args:
+        path: a model directory: ours, the release files or the diffusers layout.
+        names: any of ``COMPONENTS``.
+        device, dtype: where the components go.
+    """
+    unknown = [name for name in names if name not in COMPONENTS]
+    if unknown or not names:
+        raise ValueError(f"components {list(names)}: choose one or more of {list(COMPONENTS)}")
+    directory = model_directory(path)
+    loaded = {name: getattr(directory, name)() for name in names}
+    components = Components(directory.network_config(), directory.data_type, **loaded)
+    return components.to(device=torch.device(device), dtype=dtype)
+
+
+def model_directory(path: str | Path) -> ModelDirectory:
+    """The reader of a model directory's layout (nothing but its small config files read yet)."""
+    layout = detect_layout(path)
+    return {"ours": OursDirectory, "release": ReleaseDirectory, "diffusers": DiffusersDirectory}[layout](
+        Path(path)
+    )
+
+
+class ModelDirectory:
+    """Where one layout keeps each part; every method reads the files of its own part only."""
+
+    data_type = 1  # the released model samples curated data (v1's label 1)
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def network_config(self) -> UViTConfig:
+        raise NotImplementedError
+
+    def network(self) -> UViT:
+        raise NotImplementedError
+
+    def autoencoder(self):
+        raise NotImplementedError
+
+    def image_encoder(self):
+        raise NotImplementedError
+
+    def text_encoder(self):
+        raise NotImplementedError
+
+    def caption_decoder(self):
+        raise NotImplementedError
 
 
 # -- our format ---------------------------------------------------------------------------------
 
 
-def _load_ours(path: Path):
-    from .components.autoencoder import ImageAutoencoder
-    from .components.caption import CaptionDecoder, CaptionDecoderConfig
-    from .components.clip import ClipImageEmbedder, ClipTextEncoder
-    from .pipeline import UniDiffuser
+class OursDirectory(ModelDirectory):
+    def __init__(self, path: Path):
+        super().__init__(path)
+        self.meta = json.loads((path / "unidiffuser.json").read_text())
+        if self.meta.get("format") != FORMAT or self.meta.get("version") != VERSION:
+            raise ValueError(
+                f"{path / 'unidiffuser.json'}: format {self.meta.get('format')!r} version "
+                f"{self.meta.get('version')!r}, expected {FORMAT!r} {VERSION}"
+            )
+        self.data_type = int(self.meta.get("data_type", 1))
 
-    meta = json.loads((path / "unidiffuser.json").read_text())
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise ValueError(
-            f"{path / 'unidiffuser.json'}: format {meta.get('format')!r} version {meta.get('version')!r}, expected {FORMAT!r} {VERSION}"
-        )
-    network = UViT(UViTConfig.from_dict(meta["network"]))
-    load_state_dict_strict(
-        network, read_weights(_require(path / "network.safetensors", "network weights")), "unidiffuser"
-    )
-    autoencoder = ImageAutoencoder.load(_require(path / "autoencoder.safetensors", "autoencoder weights"))
-    image_encoder = ClipImageEmbedder.from_pretrained_dir(_require(path / "image_encoder", "image encoder"))
-    text_encoder = ClipTextEncoder.from_pretrained_dir(_require(path / "text_encoder", "text encoder"))
-    tokenizer = load_tokenizer(_require(path / "caption_tokenizer", "caption tokenizer"))
-    decoder = CaptionDecoder.from_state_dict(
-        read_weights(_require(path / "caption_decoder.safetensors", "caption decoder weights")),
-        CaptionDecoderConfig.from_dict(meta["caption_decoder"]),
-        tokenizer,
-    ).frozen()
-    return UniDiffuser(
-        network, autoencoder, image_encoder, text_encoder, decoder, data_type=int(meta.get("data_type", 1))
-    )
+    def network_config(self) -> UViTConfig:
+        return UViTConfig.from_dict(self.meta["network"])
+
+    def network(self) -> UViT:
+        network = UViT(self.network_config())
+        weights = read_weights(_require(self.path / "network.safetensors", "network weights"))
+        load_state_dict_strict(network, weights, "unidiffuser")
+        return network
+
+    def autoencoder(self):
+        from .components.autoencoder import ImageAutoencoder
+
+        return ImageAutoencoder.load(_require(self.path / "autoencoder.safetensors", "autoencoder weights"))
+
+    def image_encoder(self):
+        from .components.clip import ClipImageEmbedder
+
+        return ClipImageEmbedder.from_pretrained_dir(_require(self.path / "image_encoder", "image encoder"))
+
+    def text_encoder(self):
+        from .components.clip import ClipTextEncoder
+
+        return ClipTextEncoder.from_pretrained_dir(_require(self.path / "text_encoder", "text encoder"))
+
+    def caption_decoder(self):
+        from .components.caption import CaptionDecoder, CaptionDecoderConfig
+
+        tokenizer = load_tokenizer(_require(self.path / "caption_tokenizer", "caption tokenizer"))
+        weights = read_weights(_require(self.path / "caption_decoder.safetensors", "caption decoder weights"))
+        config = CaptionDecoderConfig.from_dict(self.meta["caption_decoder"])
+        return CaptionDecoder.from_state_dict(weights, config, tokenizer).frozen()
 
 
 def save_pipeline(pipe, path: str | Path) -> None:
@@ -185,40 +303,54 @@ def load_tokenizer(path: Path):
 # -- the release files --------------------------------------------------------------------------
 
 
-def _load_release(path: Path):
-    from .components.autoencoder import SD_KL_F8, ImageAutoencoder
-    from .components.caption import CaptionDecoder, CaptionDecoderConfig
-    from .components.caption import preset as caption_preset
-    from .components.clip import ClipImageEmbedder, ClipTextEncoder
-    from .pipeline import UniDiffuser
+class ReleaseDirectory(ModelDirectory):
+    def __init__(self, path: Path):
+        super().__init__(path)
+        self.version = "v1" if (path / "uvit_v1.pth").exists() else "v0"
+        self.custom = {}
+        if (path / "release_config.json").exists():
+            self.custom = json.loads((path / "release_config.json").read_text())
 
-    version = "v1" if (path / "uvit_v1.pth").exists() else "v0"
-    custom = {}
-    if (path / "release_config.json").exists():
-        custom = json.loads((path / "release_config.json").read_text())
-    config = config_from_official(custom["uvit"]) if "uvit" in custom else PRESETS[f"unidiffuser-{version}"]
-    network = UViT(config)
-    load_official_state_dict(network, read_weights(path / f"uvit_{version}.pth"))
-    autoencoder = ImageAutoencoder.from_ldm_state_dict(
-        read_weights(_require(path / "autoencoder_kl.pth", "autoencoder_kl.pth")),
-        custom.get("autoencoder", SD_KL_F8),
-    )
-    image_encoder = ClipImageEmbedder.from_pretrained_dir(
-        _require(path / "clip-vit-base-patch32", "CLIP ViT-B/32 folder")
-    )
-    text_encoder = ClipTextEncoder.from_pretrained_dir(
-        _require(path / "clip-vit-large-patch14", "CLIP ViT-L/14 folder")
-    )
-    tokenizer = with_eos(load_tokenizer(_require(path / "gpt2", "GPT-2 tokenizer folder")))
-    decoder_config = (
-        CaptionDecoderConfig.from_dict(custom["caption_decoder"])
-        if "caption_decoder" in custom
-        else caption_preset("released")
-    )
-    decoder = CaptionDecoder.from_official_state_dict(
-        read_weights(_require(path / "caption_decoder.pth", "caption_decoder.pth")), decoder_config, tokenizer
-    )
-    return UniDiffuser(network, autoencoder, image_encoder, text_encoder, decoder.frozen(), data_type=1)
+    def network_config(self) -> UViTConfig:
+        if "uvit" in self.custom:
+            return config_from_official(self.custom["uvit"])
+        return PRESETS[f"unidiffuser-{self.version}"]
+
+    def network(self) -> UViT:
+        network = UViT(self.network_config())
+        load_official_state_dict(network, read_weights(self.path / f"uvit_{self.version}.pth"))
+        return network
+
+    def autoencoder(self):
+        from .components.autoencoder import SD_KL_F8, ImageAutoencoder
+
+        weights = read_weights(_require(self.path / "autoencoder_kl.pth", "autoencoder_kl.pth"))
+        return ImageAutoencoder.from_ldm_state_dict(weights, self.custom.get("autoencoder", SD_KL_F8))
+
+    def image_encoder(self):
+        from .components.clip import ClipImageEmbedder
+
+        folder = _require(self.path / "clip-vit-base-patch32", "CLIP ViT-B/32 folder")
+        return ClipImageEmbedder.from_pretrained_dir(folder)
+
+    def text_encoder(self):
+        from .components.clip import ClipTextEncoder
+
+        folder = _require(self.path / "clip-vit-large-patch14", "CLIP ViT-L/14 folder")
+        return ClipTextEncoder.from_pretrained_dir(folder)
+
+    def caption_decoder(self):
+        from .components.caption import CaptionDecoder, CaptionDecoderConfig
+        from .components.caption import preset as caption_preset
+
+        tokenizer = with_eos(load_tokenizer(_require(self.path / "gpt2", "GPT-2 tokenizer folder")))
+        config = (
+            CaptionDecoderConfig.from_dict(self.custom["caption_decoder"])
+            if "caption_decoder" in self.custom
+            else caption_preset("released")
+        )
+        weights = read_weights(_require(self.path / "caption_decoder.pth", "caption_decoder.pth"))
+        return CaptionDecoder.from_official_state_dict(weights, config, tokenizer).frozen()
 
 
 def with_eos(tokenizer):
@@ -245,37 +377,53 @@ def diffusers_weights(folder: Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"no weights file in {folder} ({RELEASE_HINT})")
 
 
-def _load_diffusers(path: Path):
-    from .components.autoencoder import ImageAutoencoder
-    from .components.caption import CaptionDecoder, CaptionDecoderConfig
-    from .components.clip import ClipImageEmbedder, ClipTextEncoder
-    from .pipeline import UniDiffuser
+class DiffusersDirectory(ModelDirectory):
+    def _config(self, folder: str, what: str) -> dict:
+        return json.loads(_require(self.path / folder / "config.json", what).read_text())
 
-    unet_cfg = json.loads(_require(path / "unet" / "config.json", "unet config").read_text())
-    network = UViT(config_from_diffusers(unet_cfg))
-    load_state_dict_strict(
-        network, from_diffusers_keys(diffusers_weights(path / "unet")), "diffusers UniDiffuserModel"
-    )
-    vae_cfg = json.loads(_require(path / "vae" / "config.json", "vae config").read_text())
-    autoencoder = ImageAutoencoder.from_diffusers_state_dict(diffusers_weights(path / "vae"), vae_cfg)
-    image_encoder = ClipImageEmbedder.from_pretrained_dir(_require(path / "image_encoder", "image encoder"))
-    text_encoder = ClipTextEncoder.from_pretrained_dir(
-        _require(path / "text_encoder", "text encoder"),
-        tokenizer_path=_require(path / "clip_tokenizer", "CLIP tokenizer"),
-    )
-    dec_cfg = json.loads(_require(path / "text_decoder" / "config.json", "text decoder config").read_text())
-    tokenizer = with_eos(load_tokenizer(_require(path / "text_tokenizer", "GPT-2 tokenizer")))
-    config = CaptionDecoderConfig(
-        prefix_dim=int(dec_cfg["prefix_hidden_dim"]),
-        feature_dim=int(dec_cfg["prefix_inner_dim"]),
-        gpt2={k: int(dec_cfg[k]) for k in ("n_embd", "n_layer", "n_head", "vocab_size", "n_positions")},
-    )
-    # diffusers' UniDiffuserTextDecoder names its GPT2LMHeadModel "transformer"; ours is "gpt"
-    weights = {
-        ("gpt." + k[len("transformer.") :] if k.startswith("transformer.") else k): v
-        for k, v in diffusers_weights(path / "text_decoder").items()
-    }
-    weights.pop("gpt.lm_head.weight", None)  # tied to the token embedding
-    weights = {k: v for k, v in weights.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
-    decoder = CaptionDecoder.from_state_dict(weights, config, tokenizer)
-    return UniDiffuser(network, autoencoder, image_encoder, text_encoder, decoder.frozen(), data_type=1)
+    def network_config(self) -> UViTConfig:
+        return config_from_diffusers(self._config("unet", "unet config"))
+
+    def network(self) -> UViT:
+        network = UViT(self.network_config())
+        weights = from_diffusers_keys(diffusers_weights(self.path / "unet"))
+        load_state_dict_strict(network, weights, "diffusers UniDiffuserModel")
+        return network
+
+    def autoencoder(self):
+        from .components.autoencoder import ImageAutoencoder
+
+        config = self._config("vae", "vae config")
+        return ImageAutoencoder.from_diffusers_state_dict(diffusers_weights(self.path / "vae"), config)
+
+    def image_encoder(self):
+        from .components.clip import ClipImageEmbedder
+
+        return ClipImageEmbedder.from_pretrained_dir(_require(self.path / "image_encoder", "image encoder"))
+
+    def text_encoder(self):
+        from .components.clip import ClipTextEncoder
+
+        return ClipTextEncoder.from_pretrained_dir(
+            _require(self.path / "text_encoder", "text encoder"),
+            tokenizer_path=_require(self.path / "clip_tokenizer", "CLIP tokenizer"),
+        )
+
+    def caption_decoder(self):
+        from .components.caption import CaptionDecoder, CaptionDecoderConfig
+
+        dec_cfg = self._config("text_decoder", "text decoder config")
+        tokenizer = with_eos(load_tokenizer(_require(self.path / "text_tokenizer", "GPT-2 tokenizer")))
+        config = CaptionDecoderConfig(
+            prefix_dim=int(dec_cfg["prefix_hidden_dim"]),
+            feature_dim=int(dec_cfg["prefix_inner_dim"]),
+            gpt2={k: int(dec_cfg[k]) for k in ("n_embd", "n_layer", "n_head", "vocab_size", "n_positions")},
+        )
+        # diffusers' UniDiffuserTextDecoder names its GPT2LMHeadModel "transformer"; ours is "gpt"
+        weights = {
+            ("gpt." + k[len("transformer.") :] if k.startswith("transformer.") else k): v
+            for k, v in diffusers_weights(self.path / "text_decoder").items()
+        }
+        weights.pop("gpt.lm_head.weight", None)  # tied to the token embedding
+        weights = {k: v for k, v in weights.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+        return CaptionDecoder.from_state_dict(weights, config, tokenizer).frozen()

@@ -221,17 +221,15 @@ def is_image_text(model_config: UViTConfig) -> bool:
 
 
 def load_components(path: str, model_config: UViTConfig, device: torch.device):
-    """The pipeline of a model directory (any layout) on ``device``, checked against the run's network.
-
-    Its own network is dropped: samples come from the run's EMA network.
-    """
-    from ..loading import load_pipeline
+    """The frozen components of a model directory (any layout) on ``device``, checked against the
+    run's network; the directory's own network is not read (samples come from the run's EMA)."""
+    from ..loading import load_components as read_components
 
     try:
-        pipe = load_pipeline(path, device=device)
+        components = read_components(path, device=device)
     except (ValueError, FileNotFoundError) as e:
         raise ValueError(f"components = {path!r}: {e}") from None
-    theirs = pipe.network.config
+    theirs = components.network_config
     for name in ("clip_img", "text"):
         if theirs.modality(name).shape != model_config.modality(name).shape:
             raise ValueError(
@@ -243,8 +241,7 @@ def load_components(path: str, model_config: UViTConfig, device: torch.device):
         raise ValueError(
             f"components = {path!r}: its autoencoder has {channels} latent channels, the run's network {ours}"
         )
-    pipe.network = None  # free it; write_samples pairs the components with the EMA network
-    return pipe
+    return components
 
 
 @torch.no_grad()
@@ -266,7 +263,8 @@ def write_samples(
 
     Args:
         ema: the network to sample (image-text layout).
-        components: a ``UniDiffuser`` whose autoencoder, encoders and caption decoder are used.
+        components: the autoencoder, encoders and caption decoder (``loading.Components`` or a
+            ``UniDiffuser``).
         directory: an existing folder to write into.
         prompts: the text-to-image prompts.
         images: pictures to caption; none: the text-to-image pictures.
@@ -282,7 +280,6 @@ def write_samples(
         components.image_encoder,
         components.text_encoder,
         components.caption_decoder,
-        schedule=components.schedule,
         data_type=components.data_type,
     )
     prompts = list(prompts)
