@@ -99,7 +99,8 @@ class TextEncoderConfig:
         intermediate_size: MLP width.
         num_layers: transformer layers.
         num_heads: attention heads; hidden_size must divide by it.
-        max_positions: position embeddings; at least 77, the padded prompt length.
+        max_positions: position embeddings: the longest padded prompt (77 for CLIP; the context
+            is the smaller of this and the tokenizer's ``model_max_length``).
         bos_token_id: id of <|startoftext|>.
         eos_token_id: id of <|endoftext|> (also the padding).
     """
@@ -116,8 +117,8 @@ class TextEncoderConfig:
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
-        if self.max_positions < MAX_LENGTH:
-            raise ValueError(f"max_positions={self.max_positions}: prompts take {MAX_LENGTH} positions")
+        if self.max_positions < 2:
+            raise ValueError(f"max_positions={self.max_positions}: a prompt takes at least 2 (start and end)")
         if not (0 <= self.bos_token_id < self.vocab_size and 0 <= self.eos_token_id < self.vocab_size):
             raise ValueError(
                 f"bos_token_id={self.bos_token_id} and eos_token_id={self.eos_token_id} must be below "
@@ -206,8 +207,13 @@ def _bytes_to_unicode() -> list[str]:
     return [chars[b] for b in sorted(printable)] + [chars[b] for b in range(256) if b not in printable]
 
 
-def clip_tokenizer_from_merges(merges: list[tuple[str, str]]) -> CLIPTokenizer:
-    """A CLIP tokenizer in CLIP's vocabulary layout: bytes, word-final bytes, merges, specials."""
+def clip_tokenizer_from_merges(
+    merges: list[tuple[str, str]], context_length: int = MAX_LENGTH
+) -> CLIPTokenizer:
+    """A CLIP tokenizer in CLIP's vocabulary layout: bytes, word-final bytes, merges, specials.
+
+    ``context_length`` becomes its ``model_max_length``: the length ``ClipTextEncoder`` pads to.
+    """
     base = _bytes_to_unicode()
     tokens = [
         *base,
@@ -217,7 +223,7 @@ def clip_tokenizer_from_merges(merges: list[tuple[str, str]]) -> CLIPTokenizer:
         "<|endoftext|>",
     ]
     vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_LENGTH)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=context_length)
 
 
 def apply_merge(symbols: dict[str, list[str]], pair: tuple[str, str]) -> None:
@@ -421,11 +427,13 @@ class ClipImageEmbedder(_Frozen):
 
 
 class ClipTextEncoder(_Frozen):
-    """Frozen CLIP text tower: strings -> last_hidden_state (B, 77, hidden).
+    """Frozen CLIP text tower: strings -> last_hidden_state (B, L, hidden), L = ``max_length``.
 
-    Prompts are tokenised with <|startoftext|> ... <|endoftext|>, truncated to 77 tokens and
-    padded to 77 with <|endoftext|>; the model runs without an attention mask (its causal mask
-    keeps the prompt tokens independent of the padding), as the released pipeline does.
+    Prompts are tokenised with <|startoftext|> ... <|endoftext|>, truncated to L tokens and
+    padded to L with <|endoftext|>; the model runs without an attention mask (its causal mask
+    keeps the prompt tokens independent of the padding), as the released pipeline does. L is the
+    tokenizer's ``model_max_length`` where the model has that many positions (77 for CLIP; the
+    shapes world's tokenizer says 24), else the model's number of positions.
 
     Args:
         model: transformers' CLIPTextModel.
@@ -440,11 +448,7 @@ class ClipTextEncoder(_Frozen):
                 f"tokenizer: {len(tokenizer)} tokens but the model embeds only vocab_size={vocab}; "
                 "use the tokenizer the model was trained with"
             )
-        if model.config.max_position_embeddings < MAX_LENGTH:
-            raise ValueError(
-                f"model: max_position_embeddings={model.config.max_position_embeddings}, "
-                f"prompts take {MAX_LENGTH}"
-            )
+        self.max_length = min(int(tokenizer.model_max_length), int(model.config.max_position_embeddings))
         self.model = model
         self.tokenizer = tokenizer
         self._freeze()
@@ -497,21 +501,25 @@ class ClipTextEncoder(_Frozen):
         self.tokenizer.save_pretrained(path)
 
     def tokenize(self, texts: Sequence[str]) -> Tensor:
-        """Strings -> token ids (B, 77) on the CPU."""
+        """Strings -> token ids (B, max_length) on the CPU."""
         if isinstance(texts, str) or not isinstance(texts, Sequence) or not len(texts):
             raise ValueError("texts: expected a non-empty list of strings (wrap a single prompt in a list)")
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise ValueError(f"texts[{i}]: expected a string, got {type(t).__name__}")
         tokens = self.tokenizer(
-            list(texts), padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt"
+            list(texts),
+            padding="max_length",
+            max_length=self.max_length,
+            truncation=True,
+            return_tensors="pt",
         )
-        return tokens.input_ids  # (B, 77)
+        return tokens.input_ids  # (B, max_length)
 
     def forward(self, texts: Sequence[str]) -> Tensor:
-        """Strings (the empty string is a valid prompt) -> (B, 77, hidden)."""
+        """Strings (the empty string is a valid prompt) -> (B, max_length, hidden)."""
         ids = self.tokenize(texts).to(self.device)
-        return self.model(input_ids=ids).last_hidden_state  # (B, 77, hidden)
+        return self.model(input_ids=ids).last_hidden_state  # (B, max_length, hidden)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,8 +27,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +39,6 @@ from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPTokenizer, CL
 from ..components.clip import (
     CLIP_MEAN,
     CLIP_STD,
-    MAX_LENGTH,
     ClipImageEmbedder,
     ClipTextEncoder,
     ImageEmbedderConfig,
@@ -50,11 +47,11 @@ from ..components.clip import (
 from ..training.checkpoint import (
     find_checkpoints,
     load_training_state,
-    replace_directory,
     write_checkpoint,
 )
 from .captions import caption
-from .tokenizer import build_clip_tokenizer
+from .stage import warmup_cosine, write_dir, write_json_atomic
+from .tokenizer import CONTEXT_LENGTH, build_clip_tokenizer
 from .world import render_array, sample_scene
 
 CLIP_FORMAT = "unidiffuser.shapes-clip-checkpoint"
@@ -65,7 +62,6 @@ MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps its temperature so logits stay 
 DEFAULT_STEPS = 5000
 DEFAULT_BATCH_SIZE = 128
 DEFAULT_LR = 1e-3
-WARMUP_FRACTION = 0.05
 
 
 def vision_config(image_size: int = 32) -> ImageEmbedderConfig:
@@ -91,7 +87,7 @@ def text_config(vocab_size: int, bos_token_id: int, eos_token_id: int) -> TextEn
         intermediate_size=256,
         num_layers=2,
         num_heads=4,
-        max_positions=MAX_LENGTH,
+        max_positions=CONTEXT_LENGTH,
         bos_token_id=bos_token_id,
         eos_token_id=eos_token_id,
     )
@@ -127,15 +123,14 @@ def sample_batch(
 
 
 def tokenize(tokenizer: CLIPTokenizer, texts: list[str]) -> Tensor:
-    """Strings -> (B, L) ids padded with <|endoftext|> to the longest, L <= 77.
+    """Strings -> (B, L) ids padded with <|endoftext|> to the longest, L <= ``CONTEXT_LENGTH``.
 
-    ``ClipTextEncoder`` pads to 77; under the causal mask the outputs at the prompt's positions and
-    the pooled output (at the first <|endoftext|>) do not depend on how much padding follows, and
-    captions here are at most 24 tokens, so padding to the longest trains the same features at a
-    third of the cost.
+    ``ClipTextEncoder`` pads to ``CONTEXT_LENGTH``; under the causal mask the outputs at the
+    prompt's positions and the pooled output (at the first <|endoftext|>) do not depend on how much
+    padding follows, so padding to the longest trains the same features for less.
     """
     return tokenizer(
-        texts, padding="longest", max_length=MAX_LENGTH, truncation=True, return_tensors="pt"
+        texts, padding="longest", max_length=CONTEXT_LENGTH, truncation=True, return_tensors="pt"
     ).input_ids
 
 
@@ -191,31 +186,8 @@ def towers(model: CLIPModel, tokenizer: CLIPTokenizer) -> tuple[ClipImageEmbedde
     return ClipImageEmbedder(vision.to("cpu")), ClipTextEncoder(text.to("cpu"), tokenizer)
 
 
-def _write_dir(final: Path, save) -> None:
-    """Write a directory atomically: fill a temporary sibling, then rename it into place."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-", dir=final.parent))
-    try:
-        save(tmp)
-        replace_directory(tmp, final)
-    except Exception:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 # ---------------------------------------------------------------------------------------------
 # Training
-
-
-def _lr_lambda(steps: int):
-    warmup = max(1, int(WARMUP_FRACTION * steps))
-
-    def f(step: int) -> float:  # linear warmup, then cosine to zero
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    return f
 
 
 def train_clip(
@@ -289,7 +261,7 @@ def train_clip(
         betas=(0.9, 0.98),
         eps=1e-6,
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps))
 
     # Resume from the newest complete checkpoint of this run, if any.
     ckpt_dir = out_dir / "checkpoints"
@@ -347,22 +319,20 @@ def train_clip(
     model.eval()
     accuracy = retrieval_accuracy(model, tokenizer, groups=eval_groups) if eval_groups > 0 else None
     image_encoder, text_encoder = towers(model, tokenizer)
-    _write_dir(out_dir / "image_encoder", image_encoder.save_pretrained)
-    _write_dir(out_dir / "text_encoder", text_encoder.save_pretrained)
+    write_dir(out_dir / "image_encoder", image_encoder.save_pretrained)
+    write_dir(out_dir / "text_encoder", text_encoder.save_pretrained)
 
     def save_clip(path: Path) -> None:
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)
 
-    _write_dir(out_dir / "clip", save_clip)
+    write_dir(out_dir / "clip", save_clip)
     report = {
         **options,
         "final_loss": float(np.mean(losses[-50:])) if losses else None,
         "heldout_retrieval_top1_of_16": accuracy,
     }
-    tmp = out_dir / "clip_training.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(out_dir / "clip_training.json")
+    write_json_atomic(out_dir / "clip_training.json", json.dumps(report, indent=2) + "\n")
     return image_encoder, text_encoder
 
 

@@ -39,6 +39,7 @@ from .captions import (
 from .world import sample_scene
 
 CORPUS_CAPTIONS = 2000  # sampled captions whose word counts order the merges
+CONTEXT_LENGTH = 24  # padded caption length: the longest caption of the world is 23 tokens with start and end
 
 
 def vocabulary() -> list[str]:
@@ -92,7 +93,8 @@ def build_clip_tokenizer(seed: int = 0) -> CLIPTokenizer:
     """A CLIP-style tokenizer (CLIP's normaliser, pre-tokeniser and vocabulary layout) for the world.
 
     The vocabulary is CLIP's layout: the 256 byte symbols, the same with ``</w>``, the merges, then
-    <|startoftext|> and <|endoftext|> (the padding); model_max_length 77.
+    <|startoftext|> and <|endoftext|> (the padding); model_max_length ``CONTEXT_LENGTH`` (24): the
+    longest caption of the world takes 23 tokens with its start and end.
     """
     empty = CLIPTokenizer(model_max_length=MAX_LENGTH)  # CLIP's normaliser and pre-tokeniser
     backend = empty.backend_tokenizer
@@ -104,7 +106,7 @@ def build_clip_tokenizer(seed: int = 0) -> CLIPTokenizer:
 
     pieces = _count(_corpus(seed), pre_tokenize)
     merges = _learn_merges(pieces, {w: [*w[:-1], w[-1] + "</w>"] for w in pieces})
-    return clip_tokenizer_from_merges(merges)
+    return clip_tokenizer_from_merges(merges, CONTEXT_LENGTH)
 
 
 def build_gpt2_tokenizer(seed: int = 0, eos_token: str = EOS_TOKEN) -> PreTrainedTokenizerFast:
@@ -141,7 +143,7 @@ def build_caption_tokenizers(seed: int = 0) -> tuple[CLIPTokenizer, PreTrainedTo
         seed: draws the captions whose word counts order the merges.
 
     Returns:
-        The CLIP-style tokenizer for ``ClipTextEncoder`` (pads to 77 with <|endoftext|>, wraps
+        The CLIP-style tokenizer for ``ClipTextEncoder`` (pads to 24 with <|endoftext|>, wraps
         prompts in <|startoftext|> ... <|endoftext|>) and the GPT-2-style one for
         ``CaptionDecoder`` (eos ``<|EOS|>``).
     """
@@ -149,6 +151,7 @@ def build_caption_tokenizers(seed: int = 0) -> tuple[CLIPTokenizer, PreTrainedTo
 
 
 __all__ = [
+    "CONTEXT_LENGTH",
     "build_caption_tokenizers",
     "build_clip_tokenizer",
     "build_gpt2_tokenizer",

@@ -1,0 +1,392 @@
+"""`unidiffuser recipe shapes`: every component of the small shapes model, trained from a seed.
+
+The stages, each a folder of ``out`` and each resumable (a finished stage is skipped, an
+interrupted one continues from its last checkpoint):
+
+    tokenizers/   the world's CLIP-style and GPT-2-style tokenizers   (shapes.tokenizer)
+    clip/         a small CLIP, trained contrastively                 (shapes.clip_training)
+    vae/          a small AutoencoderKL, 64 px -> 8 x 8 x 4             (shapes.vae_training)
+    decoder/      the caption decoder on the CLIP text features       (unidiffuser train-decoder)
+    components/   those four with an untrained U-ViT, in our model format
+    data/         rendered train-split scenes, one PNG and one .txt caption each
+    features/     the frozen encoders' features of data/              (unidiffuser extract)
+    uvit/         the U-ViT, trained on features/                     (unidiffuser train)
+    model/        the finished model: components/ with the U-ViT's EMA weights
+    recipe.json   the options, and each stage's seconds and device
+
+``Recipe.full()`` is the shipped model's recipe (about an hour on 2 CPU cores; see the README for
+the measured times); ``Recipe.smoke()`` runs every stage for a few steps, for tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .stage import write_json_atomic
+
+SHAPES_PROMPTS = (
+    "a big red circle in the center",
+    "a small blue square at the top left",
+    "a big green triangle to the left of a small yellow circle",
+    "a small white cross above a big magenta diamond",
+)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How much of each stage to run; the defaults are the shipped model's recipe."""
+
+    seed: int = 0
+    device: str = "cpu"
+    image_size: int = 64
+    clip_steps: int = 5000
+    clip_batch: int = 128
+    vae_steps: int = 1500
+    vae_batch: int = 32
+    decoder_captions: int = 50_000
+    decoder_steps: int = 3000
+    decoder_batch: int = 64
+    decoder_lr: float = 5e-4
+    examples: int = 60_000
+    uvit_width: int = 192
+    uvit_depth: int = 8
+    uvit_heads: int = 4
+    uvit_steps: int = 4000
+    uvit_batch: int = 64
+    uvit_lr: float = 3e-4
+    uvit_warmup: int = 200
+    ema_decay: float = 0.999
+    checkpoint_every: int = 500
+    threads: int = 0  # torch CPU threads; 0 leaves torch's default
+
+    @classmethod
+    def full(cls, **overrides: Any) -> Recipe:
+        return cls(**overrides)
+
+    @classmethod
+    def smoke(cls, **overrides: Any) -> Recipe:
+        """Every stage for a few steps: checks the plumbing, learns nothing."""
+        small = dict(
+            clip_steps=4,
+            clip_batch=8,
+            vae_steps=4,
+            vae_batch=4,
+            decoder_captions=64,
+            decoder_steps=4,
+            decoder_batch=8,
+            examples=48,
+            uvit_width=32,
+            uvit_depth=2,
+            uvit_heads=2,
+            uvit_steps=4,
+            uvit_batch=8,
+            uvit_warmup=2,
+            checkpoint_every=2,
+        )
+        return cls(**{**small, **overrides})
+
+
+def network_config(recipe: Recipe, prefix_dim: int, clip_dim: int, text_length: int):
+    """The U-ViT of the shapes model: 8 x 8 x 4 latent in 2 x 2 patches, one CLIP token, the text latent."""
+    from ..network import image_text_config
+
+    side = recipe.image_size // 8
+    return image_text_config(
+        latent=(4, side, side),
+        clip_dim=clip_dim,
+        text=(text_length, prefix_dim),
+        width=recipe.uvit_width,
+        depth=recipe.uvit_depth,
+        num_heads=recipe.uvit_heads,
+        data_type=False,
+    )
+
+
+DECODER_PREFIX_DIM = 16
+
+
+def decoder_architecture(vocab_size: int, text_length: int) -> dict[str, Any]:
+    """A two-layer, 128-wide GPT-2 reading captions from a (text_length, 16) latent."""
+    return {
+        "prefix_dim": DECODER_PREFIX_DIM,
+        "feature_dim": 64,
+        "gpt2": {
+            "n_embd": 128,
+            "n_layer": 2,
+            "n_head": 4,
+            "vocab_size": vocab_size,
+            "n_positions": text_length + 72,  # room for beam search's 67 new tokens
+        },
+    }
+
+
+class _Stages:
+    """Runs the stages in order, skipping finished ones, and records each one's time in recipe.json."""
+
+    def __init__(self, out: Path, recipe: Recipe, log: Callable[[str], None]):
+        self.out, self.recipe, self.log = out, recipe, log
+        self.record_path = out / "recipe.json"
+        record = json.loads(self.record_path.read_text()) if self.record_path.is_file() else {}
+        saved = record.get("recipe")
+        mine = dataclasses.asdict(recipe)
+        if saved is not None and {k: v for k, v in saved.items() if k != "threads"} != {
+            k: v for k, v in mine.items() if k != "threads"
+        }:
+            differ = sorted(k for k in mine if k != "threads" and saved.get(k) != mine[k])
+            raise ValueError(
+                f"{out}: made by a recipe with other options ({', '.join(differ)}); "
+                "use another --out, or the same options to resume"
+            )
+        self.record = {"recipe": mine, "stages": record.get("stages", {})}
+        self._save()
+
+    def _save(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.record_path, json.dumps(self.record, indent=2) + "\n")
+
+    def run(self, name: str, done: Callable[[], bool], work: Callable[[], None]) -> None:
+        if done():
+            self.log(f"[{name}] done already")
+            return
+        self.log(f"[{name}] running")
+        start = time.perf_counter()
+        work()
+        seconds = time.perf_counter() - start
+        previous = self.record["stages"].get(name, {}).get("seconds", 0.0)
+        self.record["stages"][name] = {"seconds": round(previous + seconds, 1), "device": self.recipe.device}
+        self._save()
+        self.log(f"[{name}] finished in {seconds:.0f} s")
+
+
+def run_recipe(out: str | Path, recipe: Recipe | None = None, log: Callable[[str], None] = print) -> Path:
+    """Run (or resume) every stage into ``out``; returns ``out/model``."""
+    import torch
+
+    recipe = recipe or Recipe.full()
+    if recipe.threads:
+        torch.set_num_threads(recipe.threads)
+    out = Path(out)
+    stages = _Stages(out, recipe, log)
+    paths = {name: out / name for name in ("tokenizers", "clip", "vae", "decoder", "components")}
+
+    stages.run(
+        "tokenizers",
+        lambda: (paths["tokenizers"] / "gpt2" / "tokenizer.json").is_file(),
+        lambda: _tokenizers(paths["tokenizers"], recipe),
+    )
+    stages.run(
+        "clip", lambda: (paths["clip"] / "clip_training.json").is_file(), lambda: _clip(paths["clip"], recipe)
+    )
+    stages.run(
+        "vae", lambda: (paths["vae"] / "vae_training.json").is_file(), lambda: _vae(paths["vae"], recipe)
+    )
+    stages.run("decoder", lambda: (paths["decoder"] / "DONE").is_file(), lambda: _decoder(out, recipe))
+    stages.run(
+        "components",
+        lambda: (paths["components"] / "unidiffuser.json").is_file(),
+        lambda: _components(out, recipe),
+    )
+    stages.run("data", lambda: (out / "data" / "DONE").is_file(), lambda: _data(out / "data", recipe))
+    stages.run("features", lambda: (out / "features" / "DONE").is_file(), lambda: _features(out, recipe))
+    stages.run("uvit", lambda: (out / "uvit" / "DONE").is_file(), lambda: _uvit(out, recipe))
+    stages.run("model", lambda: (out / "model" / "unidiffuser.json").is_file(), lambda: _model(out))
+    return out / "model"
+
+
+# ---------------------------------------------------------------------------------------------
+# The stages
+
+
+def _tokenizers(path: Path, recipe: Recipe) -> None:
+    from .stage import write_dir
+    from .tokenizer import build_caption_tokenizers
+
+    clip_tokenizer, gpt2_tokenizer = build_caption_tokenizers(recipe.seed)
+
+    def save(tmp: Path) -> None:
+        clip_tokenizer.save_pretrained(tmp / "clip")
+        gpt2_tokenizer.save_pretrained(tmp / "gpt2")
+
+    write_dir(path, save)
+
+
+def _clip(path: Path, recipe: Recipe) -> None:
+    from .clip_training import train_clip
+
+    train_clip(
+        path,
+        steps=recipe.clip_steps,
+        batch_size=recipe.clip_batch,
+        image_size=recipe.image_size,
+        seed=recipe.seed,
+        device=recipe.device,
+        checkpoint_every=recipe.checkpoint_every,
+        tokenizer_seed=recipe.seed,
+        eval_groups=32 if recipe.clip_steps >= 100 else 1,
+    )
+
+
+def _vae(path: Path, recipe: Recipe) -> None:
+    from .vae_training import train_vae
+
+    train_vae(
+        path,
+        steps=recipe.vae_steps,
+        batch_size=recipe.vae_batch,
+        image_size=recipe.image_size,
+        seed=recipe.seed,
+        device=recipe.device,
+        checkpoint_every=recipe.checkpoint_every,
+        eval_scenes=512 if recipe.vae_steps >= 100 else 16,
+    )
+
+
+def _decoder(out: Path, recipe: Recipe) -> None:
+    from ..training.config import DecoderTrainConfig
+    from ..training.decoder import train_decoder
+    from .captions import caption
+    from .tokenizer import CONTEXT_LENGTH
+    from .world import sample_scene
+
+    captions_file = out / "decoder_captions.txt"
+    if not captions_file.is_file():
+        rng = np.random.default_rng([recipe.seed, 0xCA9])
+        lines = [caption(sample_scene(rng), rng) for _ in range(recipe.decoder_captions)]
+        write_json_atomic(captions_file, "\n".join(lines) + "\n")
+    gpt2_dir = out / "tokenizers" / "gpt2"
+    from ..loading import load_tokenizer, with_eos
+
+    vocab = len(with_eos(load_tokenizer(gpt2_dir)))
+    config = DecoderTrainConfig(
+        captions=str(captions_file),
+        text_encoder=str(out / "clip" / "text_encoder"),
+        tokenizer=str(gpt2_dir),
+        decoder=decoder_architecture(vocab, CONTEXT_LENGTH),
+        output_dir=str(out / "decoder"),
+        steps=recipe.decoder_steps,
+        batch_size=recipe.decoder_batch,
+        lr=recipe.decoder_lr,
+        warmup_steps=max(1, min(200, recipe.decoder_steps // 10)),
+        max_length=32,
+        device=recipe.device,
+        checkpoint_every=recipe.checkpoint_every,
+        keep_last=2,
+        seed=recipe.seed,
+        resume=True,
+    )
+    train_decoder(config)
+    (out / "decoder" / "DONE").write_text("done\n")
+
+
+def _components(out: Path, recipe: Recipe) -> None:
+    import torch
+
+    from ..components.autoencoder import ImageAutoencoder
+    from ..components.clip import ClipImageEmbedder, ClipTextEncoder
+    from ..network import UViT
+    from ..pipeline import UniDiffuser
+    from ..training.checkpoint import latest_checkpoint
+    from ..training.decoder import DECODER_FORMAT, load_decoder_checkpoint
+
+    image_encoder = ClipImageEmbedder.from_pretrained_dir(out / "clip" / "image_encoder")
+    text_encoder = ClipTextEncoder.from_pretrained_dir(out / "clip" / "text_encoder")
+    last = latest_checkpoint(out / "decoder" / "checkpoints", kind=DECODER_FORMAT)
+    decoder = load_decoder_checkpoint(last.path).frozen()
+    autoencoder = ImageAutoencoder.load(out / "vae" / "autoencoder.safetensors")
+    config = network_config(
+        recipe, decoder.config.prefix_dim, image_encoder.model.config.projection_dim, text_encoder.max_length
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.seed)
+        network = UViT(config)
+    UniDiffuser(network, autoencoder, image_encoder, text_encoder, decoder).save_pretrained(
+        out / "components"
+    )
+
+
+def _data(path: Path, recipe: Recipe) -> None:
+    """Rendered train-split scenes as NNNNNN.png + NNNNNN.txt; resumes by skipping written pairs."""
+    from tqdm.auto import tqdm
+
+    from .captions import caption
+    from .world import render, sample_scene
+
+    path.mkdir(parents=True, exist_ok=True)
+    for i in tqdm(range(recipe.examples), desc="data", unit="scene", dynamic_ncols=True):
+        image, text = path / f"{i:06d}.png", path / f"{i:06d}.txt"
+        if text.is_file():
+            continue
+        rng = np.random.default_rng([recipe.seed, 0xDA7A, i])
+        scene = sample_scene(rng)
+        render(scene, recipe.image_size).save(image.with_suffix(".png.tmp"), format="PNG")
+        image.with_suffix(".png.tmp").replace(image)
+        write_json_atomic(text, caption(scene, rng) + "\n")  # the caption last: it marks the pair written
+    (path / "DONE").write_text(f"{recipe.examples}\n")
+
+
+def _features(out: Path, recipe: Recipe) -> None:
+    from ..extract import ExtractConfig, extract
+
+    config = ExtractConfig(
+        model=str(out / "components"),
+        data=str(out / "data"),
+        out=str(out / "features"),
+        resolution=recipe.image_size,
+        batch_size=256,
+        shard_size=10_000,
+        data_type=0,
+        device=recipe.device,
+        save_dtype="fp32",
+        workers=0,
+    )
+    extract(config)
+    (out / "features" / "DONE").write_text("done\n")
+
+
+def _uvit(out: Path, recipe: Recipe) -> None:
+    from ..pipeline import UniDiffuser
+    from ..training.config import TrainConfig
+    from ..training.trainer import train
+
+    network = UniDiffuser.from_pretrained(out / "components").network
+    config = TrainConfig(
+        model=network.config.to_dict(),
+        data=str(out / "features"),
+        output_dir=str(out / "uvit"),
+        steps=recipe.uvit_steps,
+        batch_size=recipe.uvit_batch,
+        lr=recipe.uvit_lr,
+        warmup_steps=recipe.uvit_warmup,
+        ema_decay=recipe.ema_decay,
+        checkpoint_every=recipe.checkpoint_every,
+        keep_last=2,
+        log_every=50,
+        seed=recipe.seed,
+        resume=True,
+        components=str(out / "components"),
+        sample_every=max(recipe.checkpoint_every * 2, recipe.uvit_steps // 4),
+        sample_prompts=SHAPES_PROMPTS,
+        sample_steps=20,
+    )
+    train(config)
+    (out / "uvit" / "DONE").write_text("done\n")
+
+
+def _model(out: Path) -> None:
+    from ..pipeline import UniDiffuser
+    from ..training.checkpoint import latest_checkpoint, load_weights
+
+    pipe = UniDiffuser.from_pretrained(out / "components")
+    pipe.network.load_state_dict(load_weights(latest_checkpoint(out / "uvit" / "checkpoints")), strict=True)
+    pipe.save_pretrained(out / "model")
+
+
+__all__ = ["SHAPES_PROMPTS", "Recipe", "decoder_architecture", "network_config", "run_recipe"]
