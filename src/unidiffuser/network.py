@@ -17,7 +17,7 @@ exactly the released token order.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -441,13 +441,21 @@ class UViT(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------
 
-    def forward(self, inputs: Mapping[str, Tensor], timesteps: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def forward(
+        self,
+        inputs: Mapping[str, Tensor],
+        timesteps: Mapping[str, Tensor],
+        *,
+        run_block: Callable[[Block, Tensor, Tensor | None], Tensor] | None = None,
+    ) -> dict[str, Tensor]:
         """Predict the noise of every diffused modality.
 
         Args:
             inputs: one tensor per modality: images (B, C, H, W), vectors (B, dim), sequences
                 (B, L, dim), labels (B,) integers.
             timesteps: one (B,) float tensor per timestep group, on the 0..1000 scale.
+            run_block: calls each block as run_block(block, x, skip) in place of block(x, skip);
+                ``fast.FastNetwork`` passes a compiled one (all blocks share its compilation).
 
         Returns:
             One tensor per diffused modality, shaped and typed like its input.
@@ -482,13 +490,14 @@ class UViT(nn.Module):
         if labels:
             x = torch.cat([x[:, :n_lead], *labels, x[:, n_lead:]], dim=1)  # (B, N + labels, D)
 
+        run = run_block or self._run
         skips = []
         for blk in self.in_blocks:
-            x = self._run(blk, x)
+            x = run(blk, x, None)
             skips.append(x)
-        x = self._run(self.mid_block, x)
+        x = run(self.mid_block, x, None)
         for blk in self.out_blocks:
-            x = self._run(blk, x, skips.pop())
+            x = run(blk, x, skips.pop())
         x = self.norm(x)  # (B, N + labels, D)
 
         x = x[:, n_lead + len(labels) :]  # drop time and label tokens

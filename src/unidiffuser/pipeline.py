@@ -25,6 +25,7 @@ from PIL import Image
 from torch import Tensor
 
 from .components.images import load_image, resize_and_crop, to_pil, to_tensor
+from .fast import FastNetwork
 from .network import UViT
 from .schedule import NoiseSchedule
 from .solvers import official_orders, sample_ddim, time_uniform_grid
@@ -87,6 +88,7 @@ class UniDiffuser:
         self.latent_channels, self.latent_size = img.shape[0], img.shape[1:]
         self.downsample = 8  # the KL-f8 autoencoder
         self.patch_pixels = img.patch_size * self.downsample  # sizes must be multiples of this
+        self._fast: FastNetwork | None = None
 
     # -- loading --------------------------------------------------------------------------------
 
@@ -114,7 +116,60 @@ class UniDiffuser:
             self.caption_decoder,
         ):
             part.to(device=device, dtype=dtype)
+        if self._fast is not None:  # compiled and captured for the old device and dtype: start again
+            fast = self._fast
+            self._fast = FastNetwork(
+                self.network,
+                compile=fast.compile,
+                cuda_graphs=fast.cuda_graphs,
+                fp8=fast.fp8,
+                backend=fast.backend,
+            )
         return self
+
+    # -- speed ----------------------------------------------------------------------------------
+
+    def enable_fast_sampling(
+        self,
+        *,
+        compile: bool = True,
+        cuda_graphs: bool = True,
+        fp8: bool = False,
+        channels_last: bool = True,
+        backend: str = "inductor",
+    ) -> UniDiffuser:
+        """Sample through a compiled, graph-captured network (opt-in; see ``fast.FastNetwork``).
+
+        The first call at each batch size and image size compiles and captures (tens of seconds
+        for the released network on a GPU); later calls at that shape replay. Results equal the
+        plain path's up to rounding (``fp8=True``: up to fp8's precision).
+
+        Args:
+            compile: ``torch.compile`` the network's forward.
+            cuda_graphs: capture the forward as CUDA graphs (on CUDA devices only).
+            fp8: the transformer blocks' linear layers in fp8 (Hopper and Ada GPUs, or the CPU).
+            channels_last: the autoencoder in the channels-last layout.
+            backend: the ``torch.compile`` backend.
+
+        Returns:
+            self.
+        """
+        self._fast = FastNetwork(
+            self.network, compile=compile, cuda_graphs=cuda_graphs, fp8=fp8, backend=backend
+        )
+        self.autoencoder.to_channels_last(channels_last)
+        return self
+
+    def disable_fast_sampling(self) -> UniDiffuser:
+        """Back to the plain network (the compiled functions and graphs are dropped); returns self."""
+        self._fast = None
+        self.autoencoder.to_channels_last(False)
+        return self
+
+    @property
+    def sampler(self) -> UViT | FastNetwork:
+        """What the tasks call: the network, or its fast forward after ``enable_fast_sampling``."""
+        return self._fast if self._fast is not None else self.network
 
     @property
     def device(self) -> torch.device:
@@ -233,7 +288,7 @@ class UniDiffuser:
         gen = _generator(seed)
         mode, empty = self._empty(guidance, negative_prompt, len(prompts))
         out = generate(
-            self.network, self.schedule, "t2i", given={"text": self.encode_prompts(prompts)},
+            self.sampler, self.schedule, "t2i", given={"text": self.encode_prompts(prompts)},
             guidance=mode, empty=empty, generator=gen,
             **self._sampling_args(steps, guidance_scale, solver, progress, height, width),
         )  # fmt: skip
@@ -256,7 +311,7 @@ class UniDiffuser:
         gen = _generator(seed)
         given = self.encode_images(_repeat(_as_list(images), num_samples), gen)
         out = generate(
-            self.network, self.schedule, "i2t", given=given, generator=gen,
+            self.sampler, self.schedule, "i2t", given=given, generator=gen,
             **self._sampling_args(steps, guidance_scale, solver, progress, None, None),
         )  # fmt: skip
         return self._finish(out, return_latents)
@@ -303,7 +358,7 @@ class UniDiffuser:
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples={num_samples!r}: expected an integer >= 1")
         out = generate(
-            self.network, self.schedule, task, batch_size=num_samples, generator=_generator(seed),
+            self.sampler, self.schedule, task, batch_size=num_samples, generator=_generator(seed),
             **self._sampling_args(steps, guidance_scale, solver, progress, height, width),
         )  # fmt: skip
         return self._finish(out, return_latents)
@@ -324,7 +379,7 @@ class UniDiffuser:
         gen = _generator(seed)
         given = self.encode_images(_repeat(_as_list(images), num_samples), gen)
         out = generate_chain(
-            self.network, self.schedule, "i2t2i", given=given, generator=gen,
+            self.sampler, self.schedule, "i2t2i", given=given, generator=gen,
             **self._sampling_args(steps, guidance_scale, solver, None, None, None),
         )  # fmt: skip
         return self._finish(out, return_latents)
@@ -344,7 +399,7 @@ class UniDiffuser:
         """Text -> image latents -> text (t2i2t); the image latents are passed straight on."""
         prompts = _repeat(_check_prompts(prompts, "prompts"), num_samples)
         out = generate_chain(
-            self.network, self.schedule, "t2i2t", given={"text": self.encode_prompts(prompts)},
+            self.sampler, self.schedule, "t2i2t", given={"text": self.encode_prompts(prompts)},
             generator=_generator(seed), **self._sampling_args(steps, guidance_scale, solver, None, None, None),
         )  # fmt: skip
         return self._finish(out, return_latents)
@@ -382,7 +437,7 @@ class UniDiffuser:
                 result.texts.extend(self.decode_texts(out["text"]))
 
         generate_chain(
-            self.network, self.schedule, tasks, given=given, generator=gen, on_stage=keep,
+            self.sampler, self.schedule, tasks, given=given, generator=gen, on_stage=keep,
             **self._sampling_args(steps, guidance_scale, solver, None, None, None),
         )  # fmt: skip
         return result
@@ -411,15 +466,15 @@ class UniDiffuser:
         images = self.encode_images([image_a, image_b], gen)
         labels = self._labels()
         text = generate(
-            self.network, self.schedule, "i2t", given=images, labels=labels, steps=steps, generator=gen
+            self.sampler, self.schedule, "i2t", given=images, labels=labels, steps=steps, generator=gen
         )["text"]
-        fn = TaskModel(self.network, self.schedule, TASKS["t2i"], given={"text": text}, labels=labels)
+        fn = TaskModel(self.sampler, self.schedule, TASKS["t2i"], given={"text": text}, labels=labels)
         grid = time_uniform_grid(steps)  # 1 -> 1e-3
         noise = fn.layout.unpack(sample_ddim(fn, fn.layout.pack(images), grid.flip(0), self.schedule))
         weights = torch.linspace(0, 1, frames)
         x_T = {k: torch.stack([_slerp(v[0], v[1], float(w)) for w in weights]) for k, v in noise.items()}
         texts = torch.stack([torch.lerp(text[0], text[1], float(w)) for w in weights])
-        back = TaskModel(self.network, self.schedule, TASKS["t2i"], given={"text": texts}, labels=labels)
+        back = TaskModel(self.sampler, self.schedule, TASKS["t2i"], given={"text": texts}, labels=labels)
         out = back.layout.unpack(sample_ddim(back, back.layout.pack(x_T), grid, self.schedule))
         return self._finish({"img": out["img"]}, return_latents)
 

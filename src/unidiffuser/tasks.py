@@ -28,6 +28,7 @@ from math import prod
 import torch
 from torch import Tensor
 
+from .fast import FastNetwork
 from .network import Modality, UViT
 from .schedule import NoiseSchedule
 from .solvers import Callback, sample
@@ -105,10 +106,13 @@ class StateLayout:
 
 def _noise(shape: Sequence[int], generator: torch.Generator | None, device, dtype) -> Tensor:
     """Gaussian noise drawn on the generator's device (the CPU by default), then moved."""
-    gen_device = generator.device if generator is not None else "cpu"
-    return torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=torch.float32).to(
-        device, dtype
-    )
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    noise = torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=torch.float32)
+    if noise.device.type == "cpu" and torch.device(device).type == "cuda":
+        # From pinned memory the copy is asynchronous; from pageable memory it would wait for
+        # the GPU to finish its queue, once per solver step.
+        return noise.pin_memory().to(device, dtype, non_blocking=True)
+    return noise.to(device, dtype)
 
 
 def _shape(m: Modality, sizes: Mapping[str, tuple[int, int]] | None) -> tuple[int, ...]:
@@ -138,7 +142,7 @@ class TaskModel:
     """The model function eps(x, t) of one task, with guidance, for the solvers.
 
     Args:
-        network: the U-ViT.
+        network: the U-ViT, or a ``fast.FastNetwork`` around it (compiled, CUDA graphs, fp8).
         schedule: the noise schedule (gives the network's timestep).
         task: the role of every timestep group.
         given: clean values of every modality of the given groups, (B, ...) each (or one unbatched
@@ -154,7 +158,7 @@ class TaskModel:
 
     def __init__(
         self,
-        network: UViT,
+        network: UViT | FastNetwork,
         schedule: NoiseSchedule,
         task: Task,
         *,
@@ -296,7 +300,7 @@ class TaskModel:
 
 
 def generate(
-    network: UViT,
+    network: UViT | FastNetwork,
     schedule: NoiseSchedule,
     task: Task | str,
     *,
@@ -348,7 +352,7 @@ def generate(
 
 
 def generate_chain(
-    network: UViT,
+    network: UViT | FastNetwork,
     schedule: NoiseSchedule,
     tasks: Sequence[Task | str] | str,
     *,

@@ -228,8 +228,9 @@ def _check_sequence(x: Any, name: str, width: int) -> None:
 
 def _log_probs(logits: Tensor) -> Tensor:
     # Softmax then log, as the released search does (not log_softmax): the same scores bit for bit,
-    # so that ties and near-ties resolve the same way.
-    return logits.softmax(dim=-1).log()
+    # so that ties and near-ties resolve the same way. In fp32 whatever the model's dtype: scores
+    # summed over 67 tokens in bf16 would keep 2 to 3 significant digits.
+    return logits.float().softmax(dim=-1).log()
 
 
 # ---------------------------------------------------------------------------------------------
