@@ -268,6 +268,17 @@ def test_resume_equals_no_interruption(straight, tmp_path):
         torch.testing.assert_close(value["exp_avg_sq"], b["optimizer"]["state"][key]["exp_avg_sq"], **TOL)
 
 
+def test_resume_with_data_workers_equals_no_interruption(straight, tmp_path):
+    """Workers read ahead in other processes; batches, cursors and resume point stay the same."""
+    out, _ = straight
+    config = toy_config(tmp_path, grad_accum=2, num_workers=2)
+    train(replace(config, steps=2))
+    resumed = train(replace(config, resume=True, num_workers=1))
+    assert losses(tmp_path) == losses(out)  # the straight run read in the training process
+    assert_same_weights(weights(resumed.checkpoint), weights(out / "checkpoints/step_000004"))
+    assert load_training_state(resumed.checkpoint)["data"] == {"cursors": [32]}
+
+
 KILLER = """
 import os, signal, sys
 import unidiffuser.training.checkpoint as ck
@@ -406,6 +417,22 @@ def test_feature_shards_labels_and_fresh_latents(shards):
     assert not torch.equal(first["clip_img"], second["clip_img"])
     assert (first["img"][a] - second["img"][b]).abs().min() > 0  # each with a new latent draw
     assert torch.equal(first["img"], DataStream(source, 17, seed=0).next_batch()["img"])  # seeded
+
+
+def test_data_workers_give_the_same_batches_cursors_and_skips(shards):
+    source = FeatureShards(shards, SHARD_MODEL)
+    alone = DataStream(source, 4, seed=0, rank=1, world_size=2)
+    ahead = DataStream(source, 4, seed=0, rank=1, world_size=2, num_workers=2)
+    for i in range(8):  # 3 epochs of this process's 10 rows, 3 of them NaN
+        if i == 5:  # a resume: the workers start again from the new cursor
+            ahead.cursor = alone.cursor
+        a, b = alone.next_batch(), ahead.next_batch()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert alone.cursor == ahead.cursor
+    assert alone.skipped == ahead.skipped and alone.skipped["non_finite"] >= 3
+    ahead.close()
+    with pytest.raises(ValueError, match="num_workers=-1: must be >= 0"):
+        DataStream(source, 4, seed=0, num_workers=-1)
 
 
 def test_disjoint_shares_across_processes(shards):

@@ -24,6 +24,11 @@ one or two shards are read at a time, not random rows of all of them). Process r
 positions r, r + W, r + 2W, ...: the processes see disjoint examples. A stream's position is one
 integer, its cursor, saved with every checkpoint; a resumed stream continues with the same order.
 
+Background reading. With ``num_workers`` > 0 worker processes (a torch DataLoader) read the coming
+positions ahead, one chunk of a batch's length each, and the stream takes their results in
+position order: the batches, the cursor and the skip counts are exactly those of reading in the
+training process, so a resumed run still equals one without interruption.
+
 Bad data is skipped and counted, never fatal and never silent: shards that cannot be opened or do
 not match the model are left out when the source is opened (``FeatureShards.bad_shards``), and
 examples that cannot be read or hold NaN or infinite values are skipped by the stream
@@ -35,6 +40,7 @@ from __future__ import annotations
 import bisect
 import collections
 import hashlib
+import itertools
 import json
 import os
 import tempfile
@@ -46,6 +52,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..network import UViTConfig
 from .checkpoint import set_default_permissions
@@ -90,6 +97,7 @@ class SkipExample(Exception):
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+        self.detail = detail
 
 
 class ExampleSource(Protocol):
@@ -271,6 +279,10 @@ class FeatureShards:
     def __len__(self) -> int:
         return self.size
 
+    def __getstate__(self) -> dict[str, Any]:
+        # open files stay with their process: a worker started by spawn opens its own
+        return {**self.__dict__, "_open": collections.OrderedDict()}
+
     def _handle(self, shard: int):
         if shard in self._open:
             self._open.move_to_end(shard)
@@ -386,6 +398,8 @@ class DataStream:
         rank: this process's index.
         world_size: number of processes.
         max_misses: give up after this many bad examples in a row (a source of bad data only).
+        num_workers: worker processes that read ahead; 0 reads in this process. The batches are
+            the same either way.
     """
 
     def __init__(
@@ -397,17 +411,31 @@ class DataStream:
         rank: int = 0,
         world_size: int = 1,
         max_misses: int = 10_000,
+        num_workers: int = 0,
     ):
         if batch_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"batch_size={batch_size} must be >= 1 and rank={rank} in [0, {world_size})")
+        if num_workers < 0:
+            raise ValueError(f"num_workers={num_workers}: must be >= 0 (0 reads in this process)")
         self.source = source
         self.batch_size = batch_size
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
         self.max_misses = max_misses
-        self.cursor = 0  # positions of this process's share consumed so far
+        self.num_workers = num_workers
+        self._cursor = 0  # positions of this process's share consumed so far
+        self._ahead: ReadAhead | None = None
         self.skipped: collections.Counter[str] = collections.Counter()
+
+    @property
+    def cursor(self) -> int:
+        return self._cursor
+
+    @cursor.setter
+    def cursor(self, value: int) -> None:
+        self.close()  # the workers read ahead from the old position
+        self._cursor = int(value)
 
     def __iter__(self) -> DataStream:
         return self
@@ -417,13 +445,13 @@ class DataStream:
 
     def next_batch(self) -> dict[str, Tensor]:
         """The next batch: labels (B,) long, others (B, ...) float32, moments already sampled."""
-        start = self.cursor
+        start = self._cursor
         items, misses = [], 0
         while len(items) < self.batch_size:
-            position = self.cursor * self.world_size + self.rank
-            self.cursor += 1
+            cursor = self._cursor
+            self._cursor += 1
             try:
-                items.append(self.source[self.source.index(position, self.seed)])
+                items.append(self._example(cursor))
                 misses = 0
             except SkipExample as e:
                 self.skipped[e.reason] += 1
@@ -438,11 +466,104 @@ class DataStream:
             batch[name] = sample_latent(batch[name], g, scale)
         return batch
 
+    def _example(self, cursor: int) -> dict[str, Tensor]:
+        """The example at one cursor of this process's share (raises SkipExample)."""
+        if self.num_workers == 0:
+            return read_example(self.source, cursor * self.world_size + self.rank, self.seed)
+        if self._ahead is None:
+            self._ahead = ReadAhead(self, cursor)
+        return self._ahead.take(cursor)
+
+    def close(self) -> None:
+        """Stop the worker processes (a later batch starts them again)."""
+        self._ahead = None  # the DataLoader's iterator shuts its workers down when collected
+
     def state_dict(self) -> dict[str, int]:
         return {"cursor": self.cursor, "rank": self.rank, "world_size": self.world_size}
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
         self.cursor = int(state["cursor"])
+
+
+def read_example(source: ExampleSource, position: int, seed: int) -> dict[str, Tensor]:
+    """The example at one position of the global order (raises SkipExample)."""
+    return source[source.index(position, seed)]
+
+
+class PositionChunks(Dataset):
+    """Chunk k: the examples at cursors start + k * size ... of one process's share, read in a worker.
+
+    A chunk is (the good examples stacked, one outcome per cursor: the row of its example, or the
+    (reason, detail) of a skip), so that few tensors cross between processes.
+    """
+
+    def __init__(self, stream: DataStream, start: int, size: int):
+        self.source, self.seed = stream.source, stream.seed
+        self.rank, self.world_size = stream.rank, stream.world_size
+        self.start, self.size = start, size
+
+    def __getitem__(self, k: int) -> tuple[dict[str, Tensor], list[int | tuple[str, str]]]:
+        first = self.start + k * self.size
+        rows: list[dict[str, Tensor]] = []
+        outcomes: list[int | tuple[str, str]] = []
+        for cursor in range(first, first + self.size):
+            try:
+                rows.append(read_example(self.source, cursor * self.world_size + self.rank, self.seed))
+                outcomes.append(len(rows) - 1)
+            except SkipExample as e:
+                outcomes.append((e.reason, e.detail))
+        stacked = {name: torch.stack([row[name] for row in rows]) for name in rows[0]} if rows else {}
+        return stacked, outcomes
+
+
+class _Count(Sampler):
+    """0, 1, 2, ...: the chunks of an unbounded stream, in order."""
+
+    def __iter__(self):
+        return itertools.count()
+
+
+def _unchanged(chunk):
+    return chunk
+
+
+class ReadAhead:
+    """Worker processes reading a stream's coming chunks; ``take`` hands out examples in order.
+
+    The DataLoader returns the chunks in index order whatever worker finishes first, so the
+    examples arrive in cursor order.
+    """
+
+    def __init__(self, stream: DataStream, start: int):
+        loader = DataLoader(
+            PositionChunks(stream, start, stream.batch_size),
+            batch_size=None,
+            sampler=_Count(),
+            num_workers=stream.num_workers,
+            collate_fn=_unchanged,
+            # the workers' base seed is drawn from this generator, not from the global one that
+            # seeds the initial weights; nothing in them draws from it
+            generator=torch.Generator().manual_seed(derive_seed(stream.seed, "workers", stream.rank)),
+        )
+        self.chunks = iter(loader)
+        self.next_cursor = start
+        self.pending: collections.deque[dict[str, Tensor] | SkipExample] = collections.deque()
+
+    def take(self, cursor: int) -> dict[str, Tensor]:
+        if cursor != self.next_cursor:
+            raise RuntimeError(f"read ahead to cursor {self.next_cursor}, asked for {cursor}")
+        if not self.pending:
+            stacked, outcomes = next(self.chunks)
+            for outcome in outcomes:
+                if isinstance(outcome, int):
+                    self.pending.append({name: values[outcome] for name, values in stacked.items()})
+                else:
+                    self.pending.append(SkipExample(*outcome))
+        self.next_cursor += 1
+        outcome = self.pending.popleft()
+        if isinstance(outcome, SkipExample):
+            raise outcome
+        return outcome
 
 
 def resume_cursor(cursors: Sequence[int], rank: int, world_size: int) -> tuple[int, bool]:

@@ -435,7 +435,8 @@ def check_resume(checkpoint, config: TrainConfig, model_config: UViTConfig, log:
             "config (its config.toml) or start a new output_dir"
         )
     saved, now = checkpoint.state.get("config", {}), config.to_dict()
-    changed = [k for k in now if k not in ("resume",) and saved.get(k) != now[k]]
+    defaults = TrainConfig().to_dict()  # keys added since the checkpoint was saved had these values
+    changed = [k for k in now if k not in ("resume",) and saved.get(k, defaults[k]) != now[k]]
     if changed:
         order = [k for k in changed if k in ORDER_KEYS]
         log.note(f"resume: options changed since the checkpoint: {', '.join(changed)}")
@@ -501,7 +502,9 @@ def train(config: TrainConfig) -> TrainResult:
     source = open_source(config.data, model_config, config.seed)
     for path, reason in source.bad_shards:
         log.note(f"skipping shard {Path(path).name}: {reason}")
-    stream = DataStream(source, micro, seed=config.seed, rank=rank, world_size=world)
+    stream = DataStream(
+        source, micro, seed=config.seed, rank=rank, world_size=world, num_workers=config.num_workers
+    )
 
     model, optimizer = accelerator.prepare(model, optimizer)
     ema.to(device)
@@ -615,6 +618,7 @@ def train(config: TrainConfig) -> TrainResult:
 
     skipped = {"non_finite": stream.skipped["non_finite"], "unreadable": stream.skipped["unreadable"]}
     skipped["shards"] = len(source.bad_shards)
+    stream.close()
     log.close()
     accelerator.wait_for_everyone()
     return TrainResult(run_dir, step, last_checkpoint, accelerator.unwrap_model(model), ema, skipped)
