@@ -13,6 +13,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "unidiffuser.sample_cli",
     "unidiffuser.training.cli",
     "unidiffuser.extract",
+    "unidiffuser.serve",
 )
 
 

@@ -1,0 +1,125 @@
+"""`unidiffuser serve`: a web page and a JSON API for every task of one model, on this machine.
+
+The pieces: ``jobs`` (the tasks, limits, checked requests and the bounded queue), ``api`` (the JSON
+routes), ``page`` (the Gradio page) and ``app`` (both over one worker, and the server). This module
+only registers the command; Gradio, FastAPI and torch are imported when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+DEFAULT_PORT = 7860
+
+
+def load_model(model: str | None, device: str = "cpu"):
+    """The pipeline to serve and its name: ``model`` a model directory, or None for the shipped model.
+
+    Raises:
+        FileNotFoundError, ValueError: the directory is missing or not a model (the message says which).
+    """
+    from .. import shipped
+    from ..pipeline import UniDiffuser
+
+    if model is None:
+        return shipped.load_shipped(device), "shipped shapes model"
+    return UniDiffuser.from_pretrained(model, device=device), str(model)
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"unidiffuser serve: --device {name}: no CUDA device is available; use --device cpu")
+    return name
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve a model on a web page and a JSON API (the shipped shapes model unless --model)."""
+    from .app import bind, build_app, make_server
+    from .jobs import Limits
+
+    try:
+        sock = bind(args.host, args.port)
+    except OSError as err:
+        raise SystemExit(f"unidiffuser serve: {err}; choose another with --port") from None
+    try:
+        pipe, name = load_model(args.model, _device(args.device))
+    except (FileNotFoundError, ValueError) as err:
+        sock.close()
+        where = f"--model {args.model}" if args.model else "the shipped model"
+        raise SystemExit(f"unidiffuser serve: {where}: {err}") from None
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="unidiffuser-serve-"))
+    limits = Limits(samples=args.max_samples, steps=args.max_steps, queue=args.max_queue)
+    app = build_app(pipe, out=out, limits=limits, model=name)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    port = sock.getsockname()[1]
+    print(f"serving {name} at http://{host}:{port}/ (API: http://{host}:{port}/api)", file=sys.stderr)
+    print(f"files go to {out}{'' if args.out else ' (removed on exit)'}; Ctrl-C stops", file=sys.stderr)
+    # uvicorn shuts down gracefully on SIGINT and SIGTERM, then raises the signal again under the
+    # handler that was there before: make SIGTERM end like Ctrl-C, so the clean-up below runs
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        make_server(app).run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        sock.close()
+        if not args.out:
+            shutil.rmtree(out, ignore_errors=True)
+    print("stopped", file=sys.stderr)
+    return 0
+
+
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from ..cli import positive_int
+    from .jobs import Limits  # light: no Gradio, no server
+
+    p = sub.add_parser(
+        "serve", help="serve a model on a local web page and JSON API",
+        description=cmd_serve.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )  # fmt: skip
+    p.add_argument("--model", default=None, help="model directory (default: the shipped shapes model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on (0: any free port)")
+    p.add_argument(
+        "--out", default=None,
+        help="folder for everything the server writes (default: a temporary folder removed on exit)",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-samples",
+        type=positive_int,
+        default=Limits.samples,
+        help="most samples one request may ask for",
+    )
+    p.add_argument(
+        "--max-steps",
+        type=positive_int,
+        default=Limits.steps,
+        help="most solver steps one request may ask for",
+    )
+    p.add_argument(
+        "--max-queue", type=_nonnegative_int, default=Limits.queue,
+        help="requests that may wait behind the running one; more are answered 'busy'",
+    )  # fmt: skip
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.set_defaults(func=cmd_serve)
