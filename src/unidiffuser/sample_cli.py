@@ -45,6 +45,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     from .components.images import make_grid
     from .pipeline import UniDiffuser
+    from .shipped import shipped_model_dir
     from .solvers import official_orders
 
     if args.mode in NEEDS_PROMPT and not args.prompt:
@@ -57,7 +58,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     device = _device(args.device)
     try:
-        pipe = UniDiffuser.from_pretrained(args.model, device=device, dtype=dtype)
+        model = args.model if args.model is not None else shipped_model_dir()
+        pipe = UniDiffuser.from_pretrained(model, device=device, dtype=dtype)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"unidiffuser sample: --model {args.model}: {err}") from None
     pipe.data_type = args.data_type
@@ -130,7 +132,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from .pipeline import UniDiffuser
 
     try:
-        pipe = UniDiffuser.from_pretrained(args.src, device="cpu", dtype=torch.float32)
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+        pipe = UniDiffuser.from_pretrained(args.src, device="cpu", dtype=dtype)
         pipe.save_pretrained(args.dst)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         raise SystemExit(f"unidiffuser convert: {err}") from None
@@ -147,8 +150,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=cmd_sample.__doc__, formatter_class=fmt,
     )  # fmt: skip
     p.add_argument(
-        "--model", required=True, help="model directory (ours, the release files, or diffusers layout)"
-    )
+        "--model", default=None,
+        help="model directory (ours, the release files, or diffusers layout); the shipped shapes model if left out",
+    )  # fmt: skip
     p.add_argument(
         "--mode", choices=MODES, default="t2i", help="task: text to image, image to text, joint, ..."
     )
@@ -180,4 +184,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     c.add_argument("src", help="source model directory")
     c.add_argument("dst", help="destination directory (must not exist)")
+    c.add_argument(
+        "--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+        help="weights dtype of the written files (loading casts them to the dtype asked for)",
+    )  # fmt: skip
     c.set_defaults(func=cmd_convert)
