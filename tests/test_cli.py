@@ -16,8 +16,8 @@ def test_info_lists_the_released_sizes(capsys):
     assert re.search(r"unidiffuser-v0\s+952,504,912\s+1104\s", out)
 
 
-def test_short_demo_prints_every_mode(capsys):
-    assert main(["demo", "--seconds", "2", "--samples", "40", "--steps", "3"]) == 0
+def test_short_toy_demo_prints_every_mode(capsys):
+    assert main(["toy", "--seconds", "2", "--samples", "40", "--steps", "3"]) == 0
     out = capsys.readouterr().out
     for mode in ("t2i:", "i2t:", "joint:", "i:", "t:", "i2t2i:", "t2i2t:"):
         assert f"\n{mode}" in out
@@ -27,9 +27,9 @@ def test_short_demo_prints_every_mode(capsys):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["demo", "--seconds", "0"], "expected a number > 0, got 0"),
-        (["demo", "--steps", "-1"], "expected an integer >= 1, got -1"),
-        (["demo", "--guidance", "-2"], "expected a number >= 0, got -2"),
+        (["toy", "--seconds", "0"], "expected a number > 0, got 0"),
+        (["toy", "--steps", "-1"], "expected an integer >= 1, got -1"),
+        (["toy", "--guidance", "-2"], "expected a number >= 0, got -2"),
         (["fly"], "invalid choice: 'fly'"),
     ],
 )
@@ -40,6 +40,6 @@ def test_bad_arguments_exit_with_a_message(args, message):
 
 def test_console_script_help_shows_defaults():
     result = subprocess.run(
-        [sys.executable, "-m", "unidiffuser.cli", "demo", "--help"], capture_output=True, text=True
+        [sys.executable, "-m", "unidiffuser.cli", "toy", "--help"], capture_output=True, text=True
     )
     assert result.returncode == 0 and "(default: 60.0)" in result.stdout
