@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import re
 import subprocess
@@ -293,6 +294,10 @@ def test_page_in_headless_chromium(server, tmp_path_factory):
             settings = page.locator("#text_to_image-settings")
             settings.get_by_text(f'"steps": {steps}').wait_for(timeout=10_000)
             assert prompt in settings.inner_text()
+            with page.expect_download() as download:
+                page.locator("#text_to_image-download").click()
+            saved = json.loads(Path(download.value.path()).read_text())
+            assert saved["prompt"] == prompt and saved["steps"] == steps and saved["task"] == "text_to_image"
             page.screenshot(path=artifacts / "text_to_image.png", full_page=True)
 
             # image to text: upload a picture, press Generate, read the caption
@@ -315,6 +320,20 @@ def test_page_in_headless_chromium(server, tmp_path_factory):
             page.locator("#image_variation-run").click()
             page.get_by_text("not an image this server can read").first.wait_for(timeout=10_000)
             page.screenshot(path=artifacts / "not_an_image.png", full_page=True)
+
+            # interpolation: the first example pair, then as many frames as the slider says
+            page.get_by_role("tab", name="Interpolation").click()
+            page.locator("#tab-interpolate [data-testid=dataset-cell-0-0]").click()
+            page.locator("#interpolate-image_b img").first.wait_for(timeout=10_000)
+            page.locator("#interpolate-run").click()
+            frames = LIMITS.default("frames")
+            page.wait_for_function(
+                "n => document.querySelectorAll('#interpolate-gallery img').length >= n",
+                arg=frames,
+                timeout=30_000,
+            )
+            assert page.locator("#interpolate-gallery img").count() == frames
+            page.screenshot(path=artifacts / "interpolate.png", full_page=True)
         finally:
             browser.close()
 

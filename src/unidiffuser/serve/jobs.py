@@ -36,9 +36,8 @@ class ServedTask:
     """One task of the server: a tab of the page and a route ``POST /api/<name>``.
 
     Args:
-        name: the route and the tab's id.
+        name: the route, the tab's id, and the ``UniDiffuser`` method that runs it.
         title: the tab's label.
-        method: the ``UniDiffuser`` method that runs it.
         summary: one line for the page and the API description.
         prompt: whether it takes a prompt.
         images: the names of its image inputs, in the method's argument order.
@@ -50,7 +49,6 @@ class ServedTask:
 
     name: str
     title: str
-    method: str
     summary: str
     prompt: bool = False
     images: tuple[str, ...] = ()
@@ -67,26 +65,26 @@ class ServedTask:
 
 BOTH = ("images", "texts")
 SERVED_TASKS: tuple[ServedTask, ...] = (
-    ServedTask("text_to_image", "Text to image", "text_to_image", "Images of a prompt.", prompt=True),
+    ServedTask("text_to_image", "Text to image", "Images of a prompt.", prompt=True),
     ServedTask(
-        "image_to_text", "Image to text", "image_to_text", "Captions of an image.", images=("image",),
+        "image_to_text", "Image to text", "Captions of an image.", images=("image",),
         outputs=("texts",),
     ),
-    ServedTask("joint", "Joint", "joint", "Image-caption pairs drawn together.", outputs=BOTH),
-    ServedTask("image", "Image", "image", "Images from the image marginal.", guidance=False),
-    ServedTask("text", "Text", "text", "Captions from the text marginal.", guidance=False, outputs=("texts",)),
+    ServedTask("joint", "Joint", "Image-caption pairs drawn together.", outputs=BOTH),
+    ServedTask("image", "Image", "Images from the image marginal.", guidance=False),
+    ServedTask("text", "Text", "Captions from the text marginal.", guidance=False, outputs=("texts",)),
     ServedTask(
-        "image_variation", "Image variation", "image_variation",
+        "image_variation", "Image variation",
         "Image to caption to image: new images of what an image shows (with the caption between).",
         images=("image",), progress=False, outputs=BOTH,
     ),
     ServedTask(
-        "text_variation", "Text variation", "text_variation",
+        "text_variation", "Text variation",
         "Text to image to text: new captions of what a prompt says (with the image between).",
         prompt=True, progress=False, outputs=BOTH,
     ),
     ServedTask(
-        "interpolate", "Interpolation", "interpolate",
+        "interpolate", "Interpolation",
         "Images between two images (both inverted to noise, joined, and sampled back).",
         images=("image_a", "image_b"), guidance=False, count="frames", progress=False,
     ),
@@ -314,7 +312,7 @@ def run_job(pipe: UniDiffuser, job: Job, progress: Progress | None = None) -> Ou
         kwargs["solver"] = SOLVER
     if task.progress and progress is not None:
         kwargs["progress"] = progress
-    return getattr(pipe, task.method)(*args, **kwargs)
+    return getattr(pipe, task.name)(*args, **kwargs)
 
 
 class Worker:

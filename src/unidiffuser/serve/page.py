@@ -31,7 +31,10 @@ EXAMPLE_IMAGE_SIZE = 32  # pixels, the shipped model's size
 EXAMPLE_IMAGES = 4
 
 # The shipped model's pictures are 32 pixels: show them enlarged with sharp pixels, not blurred.
-CSS = ".pixelated img { image-rendering: pixelated; }"
+CSS = """
+.pixelated img { image-rendering: pixelated; }
+.enlarged img { width: 100%; height: 100%; object-fit: contain; }
+"""
 REQUEST_ERROR = "Please change the request"  # the title of a message about the request's values
 
 
@@ -105,7 +108,7 @@ class Page:
                         inputs[name] = image_upload(
                             label={"image_a": "First image", "image_b": "Second image"}.get(name, "Image"),
                             sources=["upload", "clipboard"], elem_id=f"{task.name}-{name}", height=240,
-                            elem_classes="pixelated",
+                            elem_classes=["pixelated", "enlarged"],
                         )  # fmt: skip
                 inputs["steps"] = gr.Slider(
                     1, limits.steps, value=limits.default("steps"), step=1, label="Steps"
