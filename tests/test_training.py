@@ -100,6 +100,9 @@ def straight(tmp_path_factory):
         ({"loss_weights": {"img2": 1.0}}, "loss_weights.img2 = 1.0: names no diffused modality"),
         ({"batch_size": 10, "grad_accum": 4}, "batch_size = 10: is not divisible by grad_accum=4"),
         ({"betas": [0.9]}, "betas = (0.9,): needs two numbers in [0, 1)"),
+        ({"distributed": "zero3"}, "distributed = 'zero3': is not one of ('ddp', 'fsdp')"),
+        ({"distributed": "fsdp", "mixed_precision": "fp16"}, "does not go with distributed = 'fsdp'"),
+        ({"num_workers": -1}, "num_workers = -1: must be >= 0"),
     ],
 )
 def test_config_errors_name_key_value_and_fix(values, message):
@@ -204,6 +207,12 @@ def test_no_weight_decay_on_norms_biases_position_and_embedding_tables():
     assert not any(n.endswith(".bias") for n in decayed)
     assert "in_blocks.0.attn.qkv.weight" in decayed and "embed.img.proj.weight" in decayed
     assert all(p.ndim >= 2 for p in decay["params"])
+
+
+def test_fsdp_with_one_process_trains_unsharded(tmp_path, capsys):
+    result = train(toy_config(tmp_path, steps=1, distributed="fsdp"))
+    assert result.step == 1
+    assert "distributed = 'fsdp' with one process: nothing to shard" in capsys.readouterr().err
 
 
 def test_linear_warmup():

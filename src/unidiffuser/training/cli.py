@@ -19,6 +19,7 @@ from ..objective import WEIGHTINGS
 from .config import (
     DECODER_FIELD_HELP,
     DECODER_PRECISION,
+    DISTRIBUTED,
     FIELD_HELP,
     MIXED_PRECISION,
     DecoderTrainConfig,
@@ -35,6 +36,7 @@ override the file. The resolved options are written to OUTPUT_DIR/config.toml an
 checkpoints go to OUTPUT_DIR/checkpoints/step_N/. Several processes:
   torchrun --nproc_per_node N -m unidiffuser.cli train ...            (CPU: gloo, GPU: nccl)
   accelerate launch --num_processes N -m unidiffuser.cli train ...    (GPUs)
+with --distributed fsdp the network, its optimizer state and EMA are sharded over them.
 
 Fine-tuning the released model: --init-from uvit_v1.pth (or the release directory, a diffusers
 directory, one of our model directories or checkpoints); without --model the network takes the
@@ -146,9 +148,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", type=Path, metavar="TOML", help="TOML file of options (default: none)")
-    add_config_arguments(
-        parser, TrainConfig, FIELD_HELP, {"mixed_precision": MIXED_PRECISION, "weighting": WEIGHTINGS}
-    )
+    choices = {"mixed_precision": MIXED_PRECISION, "weighting": WEIGHTINGS, "distributed": DISTRIBUTED}
+    add_config_arguments(parser, TrainConfig, FIELD_HELP, choices)
     parser.add_argument("--dry-run", action="store_true", help="print the resolved options as TOML and exit")
     parser.set_defaults(func=cmd_train)
 

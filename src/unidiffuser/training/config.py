@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
+DISTRIBUTED = ("ddp", "fsdp")
 # Names other trainers use for our keys, suggested when one of them is given.
 ALIASES = {
     "learning_rate": "lr",
@@ -88,6 +89,7 @@ class TrainConfig:
     sample_images: tuple[str, ...] = ()
     sample_steps: int = 20
     num_workers: int = 0
+    distributed: str = "ddp"
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -107,6 +109,21 @@ class TrainConfig:
                 self.mixed_precision,
                 f"is not one of {MIXED_PRECISION}",
                 'use "bf16" on recent GPUs, "fp16" on older ones, "no" on CPU',
+            )
+        if self.distributed not in DISTRIBUTED:
+            _fail(
+                "distributed",
+                self.distributed,
+                f"is not one of {DISTRIBUTED}",
+                'use "ddp" (every process holds the whole model) or "fsdp" (sharded)',
+            )
+        if self.distributed == "fsdp" and self.mixed_precision == "fp16":
+            _fail(
+                "mixed_precision",
+                "fp16",
+                "does not go with distributed = 'fsdp' (the fp16 loss scaler would check each "
+                "process's gradient shard alone)",
+                'use "bf16" with FSDP, or distributed = "ddp"',
             )
         if self.weighting not in WEIGHTINGS:
             _fail("weighting", self.weighting, f"is not one of {WEIGHTINGS}", 'use "modality" (default)')
@@ -239,6 +256,9 @@ FIELD_HELP: dict[str, str] = {
     "num_workers": "worker processes per training process that read the data ahead (the same batches "
     "and resume position as without them); 0 reads in the training process. 2-4 keep a GPU fed from "
     "feature shards",
+    "distributed": "how several processes share the work: ddp (each holds the whole network, "
+    "gradients averaged) or fsdp (weights, gradients, optimizer state and EMA sharded over the "
+    "processes, for networks too large for one device; checkpoints stay whole)",
 }
 
 

@@ -5,7 +5,9 @@
     accelerate launch --num_processes 8 -m unidiffuser.cli train --config run.toml
 
 Several processes run data-parallel (DDP: nccl on GPUs, gloo on CPUs); ``batch_size`` is the
-global batch of one optimizer step, split evenly over processes and accumulation steps.
+global batch of one optimizer step, split evenly over processes and accumulation steps. With
+``distributed = "fsdp"`` they shard the network, its gradients, optimizer state and EMA instead
+(``fsdp.py``); checkpoints, resuming and samples work the same either way.
 
 Randomness. The initial weights come from ``torch.manual_seed(seed)``. Everything drawn while
 training, data order, latent noise, timesteps and diffusion noise, is derived from (seed, step,
@@ -25,6 +27,7 @@ Helpers first; ``train(config)`` reads top to bottom, as DiT's train.py does.
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import functools
 import json
@@ -34,7 +37,8 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +66,13 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .data import DataStream, derive_seed, open_source, resume_cursor
+from .fsdp import (
+    full_optimizer_state,
+    full_state_dict,
+    gathered_network,
+    load_full_optimizer_state,
+    shard_network,
+)
 
 # Keys whose change makes a resumed run draw other data or noise than the original would have.
 ORDER_KEYS = ("data", "batch_size", "grad_accum", "seed")
@@ -162,14 +173,22 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 class LossView:
     """What ``unidiffuser_loss`` needs of the network: its config, and a call that goes through
-    accelerate's wrapper (DDP gradient sync, autocast)."""
+    accelerate's wrapper (DDP gradient sync, autocast) or, for a sharded network that accelerate
+    does not wrap, through ``autocast``."""
 
-    def __init__(self, wrapped: nn.Module, config: UViTConfig):
+    def __init__(
+        self,
+        wrapped: nn.Module,
+        config: UViTConfig,
+        autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+    ):
         self.wrapped = wrapped
         self.config = config
+        self.autocast = autocast
 
     def __call__(self, inputs: Mapping[str, Tensor], timesteps: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return self.wrapped(inputs, timesteps)
+        with self.autocast():
+            return self.wrapped(inputs, timesteps)
 
 
 def resolve_architecture(
@@ -311,17 +330,19 @@ def _picture(path: str, size: tuple[int, int]):
 
 
 class SampleWriter:
-    """Periodic samples of one run: on the main process, every ``sample_every`` steps.
+    """Periodic samples of one run, every ``sample_every`` steps, written by the main process.
 
-    Sampling needs an image-text network and ``components``; when either is missing, the writer
-    says so once, at the start, and writes nothing.
+    Every process knows when samples are due (a sharded EMA is gathered by all of them); only the
+    main process loads the components and writes. Sampling needs an image-text network and
+    ``components``; when either is missing, the writer says so once, at the start, and writes
+    nothing.
     """
 
     def __init__(self, config: TrainConfig, model_config: UViTConfig, device: torch.device, log: RunLog):
         self.config = config
         self.every = 0
         self.components = None
-        if not config.sample_every or not log.enabled:
+        if not config.sample_every:
             return
         if not is_image_text(model_config):
             log.note(
@@ -338,9 +359,10 @@ class SampleWriter:
         missing = [p for p in config.sample_images if not Path(p).is_file()]
         if missing:
             raise ValueError(f"sample_images: no such file: {missing}")
-        self.components = load_components(config.components, model_config, device)
         self.every = config.sample_every
-        log.note(f"samples: every {self.every} steps with the components of {config.components}")
+        if log.enabled:
+            self.components = load_components(config.components, model_config, device)
+            log.note(f"samples: every {self.every} steps with the components of {config.components}")
 
     def due(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
@@ -446,7 +468,8 @@ def check_resume(checkpoint, config: TrainConfig, model_config: UViTConfig, log:
 
 @dataclass
 class TrainResult:
-    """What a finished run leaves: the networks (unwrapped, on the training device) and where."""
+    """What a finished run leaves: the networks (unwrapped, on the training device; with FSDP,
+    plain networks of the gathered weights on the CPU of every process) and where."""
 
     run_dir: Path
     step: int
@@ -498,6 +521,12 @@ def train(config: TrainConfig) -> TrainResult:
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     if start is not None:
         ema.load_state_dict(load_weights(start, "ema"))
+    sharded = config.distributed == "fsdp" and world > 1
+    if config.distributed == "fsdp" and not sharded:
+        log.note("distributed = 'fsdp' with one process: nothing to shard; training unsharded")
+    if sharded:  # before the optimizer, which must hold the sharded parameters
+        shard_network(model, device, config.mixed_precision)
+        shard_network(ema, device)
     optimizer, scheduler = build_optimizer(model, config, accelerator.device)
     source = open_source(config.data, model_config, config.seed)
     for path, reason in source.bad_shards:
@@ -506,12 +535,18 @@ def train(config: TrainConfig) -> TrainResult:
         source, micro, seed=config.seed, rank=rank, world_size=world, num_workers=config.num_workers
     )
 
-    model, optimizer = accelerator.prepare(model, optimizer)
-    ema.to(device)
+    if sharded:  # FSDP does what accelerate's DDP wrapper would; autocast is LossView's
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
+        ema.to(device)
     step = 0
     if start is not None:
         training = load_training_state(start)
-        optimizer.load_state_dict(training["optimizer"])
+        if sharded:
+            load_full_optimizer_state(optimizer, training["optimizer"])
+        else:
+            optimizer.load_state_dict(training["optimizer"])
         scheduler.load_state_dict(training["scheduler"])
         if accelerator.scaler is not None and training.get("scaler"):
             accelerator.scaler.load_state_dict(training["scaler"])
@@ -527,15 +562,16 @@ def train(config: TrainConfig) -> TrainResult:
 
     n_params = sum(p.numel() for p in ema.parameters())
     size = "unbounded" if source.size is None else f"{source.size:,}"
+    how = " (FSDP)" if sharded else ""
     log.note(
-        f"{n_params:,} parameters | {world} process(es) on {device} | batch {config.batch_size} = "
+        f"{n_params:,} parameters | {world} process(es) on {device}{how} | batch {config.batch_size} = "
         f"{world} x {config.grad_accum} x {micro} | data {config.data} ({size} examples) | "
         f"mixed precision {config.mixed_precision}"
     )
 
     samples = SampleWriter(config, model_config, device, log)
     schedule = NoiseSchedule()
-    network = LossView(model, model_config)
+    network = LossView(model, model_config, accelerator.autocast if sharded else contextlib.nullcontext)
     generator = torch.Generator(device=device)
     names = [m.name for m in model_config.diffused]
     window = torch.zeros(len(names) + 2, device=device)  # loss, per-modality losses, micro-steps
@@ -586,7 +622,7 @@ def train(config: TrainConfig) -> TrainResult:
             metrics = {"loss": mean[0].item()}
             metrics.update({f"loss/{n}": mean[i + 1].item() for i, n in enumerate(names)})
             metrics["lr"] = scheduler.get_last_lr()[0]
-            metrics["grad_norm"] = float(grad_norm)
+            metrics["grad_norm"] = float(grad_norm.full_tensor() if sharded else grad_norm)
             metrics["samples_per_s"] = config.batch_size * window_steps / elapsed
             if device.type == "cuda":
                 metrics["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -606,22 +642,31 @@ def train(config: TrainConfig) -> TrainResult:
 
         if step % config.checkpoint_every == 0 or step == config.steps:
             last_checkpoint = save(
-                accelerator, config, model_config, step, model, ema, optimizer, scheduler, stream
+                accelerator, config, model_config, step, model, ema, optimizer, scheduler, stream, sharded
             )
             if is_main:
                 log.note(f"saved {last_checkpoint}")
-        if samples.due(step):  # main process only (the writer is off elsewhere)
+        if samples.due(step):
             began = time.perf_counter()
-            written = samples(ema, step, run_dir)
-            log.note(f"samples: wrote {written} in {time.perf_counter() - began:.1f} s")
+            # a sharded EMA is gathered by every process, for the main one
+            whole = gathered_network(ema, model_config, keep=is_main) if sharded else ema
+            if is_main:
+                written = samples(whole.to(device).eval(), step, run_dir)
+                log.note(f"samples: wrote {written} in {time.perf_counter() - began:.1f} s")
+            del whole
             window_start += time.perf_counter() - began  # not counted against training throughput
 
     skipped = {"non_finite": stream.skipped["non_finite"], "unreadable": stream.skipped["unreadable"]}
     skipped["shards"] = len(source.bad_shards)
     stream.close()
     log.close()
+    if sharded:  # plain networks of the gathered weights (every process takes part)
+        model = gathered_network(model, model_config)
+        ema = gathered_network(ema, model_config).requires_grad_(False).eval()
+    else:
+        model = accelerator.unwrap_model(model)
     accelerator.wait_for_everyone()
-    return TrainResult(run_dir, step, last_checkpoint, accelerator.unwrap_model(model), ema, skipped)
+    return TrainResult(run_dir, step, last_checkpoint, model, ema, skipped)
 
 
 def save(
@@ -634,18 +679,27 @@ def save(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LambdaLR,
     stream: DataStream,
+    sharded: bool = False,
 ) -> Path:
-    """Write a checkpoint on the main process (every process takes part: the data cursors)."""
+    """Write a checkpoint on the main process (every process takes part: the data cursors and,
+    when sharded, the full weights, EMA and optimizer state)."""
     cursors = gather_object([stream.cursor])
     skipped: collections.Counter[str] = collections.Counter()
     for counts in gather_object([dict(stream.skipped)]):
         skipped.update(counts)
     path = Path(config.output_dir) / "checkpoints" / checkpoint_name(step)
+    if sharded:  # gathered by every process, kept by the main one
+        keep = accelerator.is_main_process
+        weights, ema_weights = full_state_dict(model, keep), full_state_dict(ema, keep)
+        optimizer_state = full_optimizer_state(optimizer, keep)
+    else:
+        weights, ema_weights = accelerator.unwrap_model(model).state_dict(), ema.state_dict()
+        optimizer_state = optimizer.state_dict()
     error = None
     if accelerator.is_main_process:
         try:
             training = {
-                "optimizer": optimizer.state_dict(),
+                "optimizer": optimizer_state,
                 "scheduler": scheduler.state_dict(),
                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                 "data": {"cursors": cursors},
@@ -660,8 +714,8 @@ def save(
             save_checkpoint(
                 path.parent,
                 step,
-                model=accelerator.unwrap_model(model).state_dict(),
-                ema=ema.state_dict(),
+                model=weights,
+                ema=ema_weights,
                 training=training,
                 state=state,
                 keep_last=config.keep_last,
