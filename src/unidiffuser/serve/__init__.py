@@ -54,8 +54,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         pipe, name = load_model(args.model, _device(args.device))
     except (FileNotFoundError, ValueError) as err:
         sock.close()
-        where = f"--model {args.model}" if args.model else "the shipped model"
-        raise SystemExit(f"unidiffuser serve: {where}: {err}") from None
+        where = f"--model {args.model}: " if args.model else ""  # the shipped model's error names itself
+        raise SystemExit(f"unidiffuser serve: {where}{err}") from None
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="unidiffuser-serve-"))
     limits = Limits(samples=args.max_samples, steps=args.max_steps, queue=args.max_queue)
     app = build_app(pipe, out=out, limits=limits, model=name)
@@ -98,12 +98,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "serve", help="serve a model on a local web page and JSON API",
         description=cmd_serve.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )  # fmt: skip
-    p.add_argument("--model", default=None, help="model directory (default: the shipped shapes model)")
+    p.add_argument("--model", default=None, help="model directory, or none for the shipped shapes model")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on (0: any free port)")
     p.add_argument(
         "--out", default=None,
-        help="folder for everything the server writes (default: a temporary folder removed on exit)",
+        help="folder for everything the server writes, or none for a temporary one removed on exit",
     )  # fmt: skip
     p.add_argument(
         "--max-samples",

@@ -18,6 +18,7 @@ import gradio as gr
 import numpy as np
 
 from ..shapes import render, sample_scene
+from ..shapes.world import MIN_IMAGE_SIZE
 from .jobs import MAX_SEED, SERVED_TASKS, Busy, Limits, RequestError, ServedTask, Worker, make_job
 
 # Prompts in the shapes world's vocabulary (shapes.captions parses every one of them).
@@ -27,10 +28,9 @@ EXAMPLE_PROMPTS: tuple[str, ...] = (
     "a large yellow diamond in the center on a black background",
     "a small white cross above a big magenta circle",
 )
-EXAMPLE_IMAGE_SIZE = 32  # pixels, the shipped model's size
 EXAMPLE_IMAGES = 4
 
-# The shipped model's pictures are 32 pixels: show them enlarged with sharp pixels, not blurred.
+# The shapes world's pictures are small: show them enlarged with sharp pixels, not blurred.
 CSS = """
 .pixelated img { image-rendering: pixelated; }
 .enlarged img { width: 100%; height: 100%; object-fit: contain; }
@@ -38,14 +38,14 @@ CSS = """
 REQUEST_ERROR = "Please change the request"  # the title of a message about the request's values
 
 
-def write_example_images(folder: Path, count: int = EXAMPLE_IMAGES, seed: int = 0) -> list[Path]:
-    """Render scenes of the shapes world to PNG files (the same files for the same seed)."""
+def write_example_images(folder: Path, size: int, count: int = EXAMPLE_IMAGES, seed: int = 0) -> list[Path]:
+    """Render scenes of the shapes world to PNG files of size x size pixels (the same for the same seed)."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     paths = []
     for i in range(count):
         path = folder / f"shapes_{i}.png"
-        render(sample_scene(rng), EXAMPLE_IMAGE_SIZE).save(path)
+        render(sample_scene(rng), size).save(path)
         paths.append(path)
     return paths
 
@@ -77,7 +77,9 @@ class Page:
     def __init__(self, worker: Worker, limits: Limits, model: str, out: Path):
         self.worker, self.limits, self.model = worker, limits, model
         self.settings_dir = out / "settings"
-        self.example_images = write_example_images(out / "examples")
+        # drawn at the model's own size, as the shapes model saw its training pictures
+        size = max(MIN_IMAGE_SIZE, min(worker.pipe.default_size))
+        self.example_images = write_example_images(out / "examples", size)
         self._serial = 0
         self._serial_lock = threading.Lock()
 
@@ -167,9 +169,9 @@ class Page:
             gr.Examples(pairs, inputs=[inputs[name] for name in task.images], label="Example pairs")
 
     def _run(self, task: ServedTask, fields: dict, outputs: dict, progress: gr.Progress) -> dict:
-        for name in task.images:
+        for name in task.images:  # Gradio has refused files over Limits.image_bytes at upload
             path = fields.get(name)
-            fields[name] = self._read_upload(path, name) if path else None
+            fields[name] = Path(path).read_bytes() if path else None
         try:
             job = make_job(task, fields, self.limits)
         except RequestError as err:
@@ -198,15 +200,6 @@ class Page:
             outputs["settings"]: text,
             outputs["download"]: gr.DownloadButton(value=self._save_settings(task, text), visible=True),
         }
-
-    def _read_upload(self, path: str, name: str) -> bytes:
-        size = Path(path).stat().st_size
-        if size > self.limits.image_bytes:
-            raise gr.Error(
-                f"{name}: the file has {size:,} bytes; this server accepts images up to {self.limits.image_bytes:,}",
-                title=REQUEST_ERROR, print_exception=False,
-            )  # fmt: skip
-        return Path(path).read_bytes()
 
     def _save_settings(self, task: ServedTask, text: str) -> Path:
         with self._serial_lock:
