@@ -32,7 +32,7 @@ from unidiffuser import shipped  # noqa: E402
 from unidiffuser.pipeline import UniDiffuser  # noqa: E402
 from unidiffuser.serve import load_model  # noqa: E402
 from unidiffuser.serve.app import bind, build_app, make_server  # noqa: E402
-from unidiffuser.serve.jobs import TASKS, Limits  # noqa: E402
+from unidiffuser.serve.jobs import TASKS, Busy, Limits, Worker, make_job  # noqa: E402
 from unidiffuser.serve.page import EXAMPLE_PROMPTS, write_example_images  # noqa: E402
 from unidiffuser.shapes import parse_caption, parse_image, render, sample_scene  # noqa: E402
 from unidiffuser.tiny import tiny_pipeline  # noqa: E402
@@ -252,6 +252,35 @@ def test_a_full_queue_answers_busy_and_the_waiting_requests_finish(server, monke
         waiting.join(30)
     assert [answer.status_code for answer in answers] == [200, 200]
     assert server.client.get("/api").json()["queue"] == {"running": 0, "waiting": 0, "max_waiting": 1}
+
+
+def test_worker_tells_a_waiting_job_how_many_are_ahead():
+    started, release = threading.Event(), threading.Event()
+
+    class SlowPipe:
+        def text(self, num_samples: int, **kwargs) -> str:
+            started.set()
+            assert release.wait(30)
+            return f"{num_samples} captions"
+
+    worker = Worker(SlowPipe(), queue=1)
+    job = make_job(TASKS["text"], {"samples": 2}, Limits())
+    results, ahead = [], []
+    first = threading.Thread(target=lambda: results.append(worker.run(job)))
+    first.start()
+    assert started.wait(30)
+    second = threading.Thread(target=lambda: results.append(worker.run(job, waiting=ahead.append)))
+    second.start()
+    deadline = time.monotonic() + 30
+    while worker.status()["waiting"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    with pytest.raises(Busy, match="one request is running and 1 waiting"):
+        worker.run(job)
+    release.set()
+    first.join(30)
+    second.join(30)
+    assert ahead == [1] and results == ["2 captions", "2 captions"]
 
 
 # -- the page in a real browser -----------------------------------------------------------------

@@ -23,7 +23,8 @@ def build_app(
         pipe: the pipeline every request runs on.
         out: the folder for everything the server writes: the settings files offered for download,
             the example images, and Gradio's temporary files (uploads and results) under
-            ``out/gradio``.
+            ``out/gradio`` (Gradio takes that folder from ``GRADIO_TEMP_DIR``, which this sets for
+            the whole process).
         limits: what one request may ask for and how many may wait (``Limits()`` by default).
         model: the model's name as the page and the settings show it.
     """

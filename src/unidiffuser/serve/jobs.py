@@ -350,7 +350,7 @@ class Worker:
         with self._count:
             if self._admitted > self.queue:
                 raise Busy(
-                    f"the server is busy: one request is running and {self._admitted - 1} are waiting, "
+                    f"the server is busy: one request is running and {self._admitted - 1} waiting, "
                     f"as many as it queues; try again in a moment"
                 )
             ahead = self._admitted
