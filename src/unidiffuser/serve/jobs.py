@@ -184,8 +184,8 @@ def make_job(task: ServedTask, fields: Mapping[str, Any], limits: Limits) -> Job
 
     Args:
         task: the task asked for.
-        fields: the request's values by field name; images as the bytes of their files, a field
-            left out (or None) takes its value from ``DEFAULTS``.
+        fields: the request's values by field name, images as the bytes of their files; a number
+            left out (or None) takes ``limits.default(name)``.
         limits: the limits to hold the request to.
 
     Raises:
@@ -220,7 +220,8 @@ def _integer(name: str, value: Any, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise RequestError(f"{name}: expected a whole number from {low} to {high}, got {value!r}")
     if not low <= value <= high:
-        raise RequestError(f"{name}={value}: this server allows {low} to {high}")
+        shown = value if abs(value) < 10**15 else f"{value:.3g}"
+        raise RequestError(f"{name}={shown}: this server allows {low} to {high}")
     return value
 
 
