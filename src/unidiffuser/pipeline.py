@@ -86,7 +86,7 @@ class UniDiffuser:
         self.data_type = data_type
         img = cfg.modality("img")
         self.latent_channels, self.latent_size = img.shape[0], img.shape[1:]
-        self.downsample = 8  # the KL-f8 autoencoder
+        self.downsample = autoencoder.config.downsample  # 8 for KL-f8
         self.patch_pixels = img.patch_size * self.downsample  # sizes must be multiples of this
         self._fast: FastNetwork | None = None
 

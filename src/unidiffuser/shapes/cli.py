@@ -6,6 +6,8 @@ import argparse
 import sys
 import time
 
+from .recipe import STAGES
+
 WORLDS = ("shapes",)
 
 
@@ -17,7 +19,7 @@ def cmd_recipe(args: argparse.Namespace) -> int:
     recipe = make(seed=args.seed, device=args.device, threads=args.threads)
     start = time.perf_counter()
     try:
-        model = run_recipe(args.out, recipe, log=lambda text: print(text, file=sys.stderr))
+        model = run_recipe(args.out, recipe, log=lambda text: print(text, file=sys.stderr), only=args.stage)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"unidiffuser recipe: {err}") from None
     print(
@@ -81,6 +83,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     r.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     r.add_argument("--smoke", action="store_true", help="every stage for a few steps (checks the plumbing)")
+    r.add_argument(
+        "--stage", action="append", choices=STAGES, default=None,
+        help="run only this stage (repeat for several); the stages before it must be finished",
+    )  # fmt: skip
     r.set_defaults(func=cmd_recipe)
 
     e = sub.add_parser(

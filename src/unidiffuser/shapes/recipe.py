@@ -5,7 +5,7 @@ interrupted one continues from its last checkpoint):
 
     tokenizers/   the world's CLIP-style and GPT-2-style tokenizers   (shapes.tokenizer)
     clip/         a small CLIP, trained contrastively                 (shapes.clip_training)
-    vae/          a small AutoencoderKL, 64 px -> 8 x 8 x 4             (shapes.vae_training)
+    vae/          a small AutoencoderKL, 64 px -> 16 x 16 x 4           (shapes.vae_training)
     decoder/      the caption decoder on the CLIP text features       (unidiffuser train-decoder)
     components/   those four with an untrained U-ViT, in our model format
     data/         rendered train-split scenes, one PNG and one .txt caption each
@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ import numpy as np
 
 from .stage import write_json_atomic
 
+STAGES = ("tokenizers", "clip", "vae", "decoder", "components", "data", "features", "uvit", "model")
 SHAPES_PROMPTS = (
     "a big red circle in the center",
     "a small blue square at the top left",
@@ -50,7 +51,7 @@ class Recipe:
     clip_steps: int = 5000
     clip_batch: int = 128
     vae_steps: int = 1500
-    vae_batch: int = 32
+    vae_batch: int = 16
     decoder_captions: int = 50_000
     decoder_steps: int = 3000
     decoder_batch: int = 64
@@ -94,19 +95,20 @@ class Recipe:
         return cls(**{**small, **overrides})
 
 
-def network_config(recipe: Recipe, prefix_dim: int, clip_dim: int, text_length: int):
-    """The U-ViT of the shapes model: 8 x 8 x 4 latent in 2 x 2 patches, one CLIP token, the text latent."""
+def network_config(recipe: Recipe, prefix_dim: int, clip_dim: int, text_length: int, latent_side: int):
+    """The U-ViT of the shapes model: the 16 x 16 x 4 latent in 4 x 4 patches (16 tokens), one CLIP
+    token, the (24, 16) text latent."""
     from ..network import image_text_config
 
-    side = recipe.image_size // 8
     return image_text_config(
-        latent=(4, side, side),
+        latent=(4, latent_side, latent_side),
         clip_dim=clip_dim,
         text=(text_length, prefix_dim),
         width=recipe.uvit_width,
         depth=recipe.uvit_depth,
         num_heads=recipe.uvit_heads,
         data_type=False,
+        patch_size=max(1, latent_side // 4),
     )
 
 
@@ -131,8 +133,8 @@ def decoder_architecture(vocab_size: int, text_length: int) -> dict[str, Any]:
 class _Stages:
     """Runs the stages in order, skipping finished ones, and records each one's time in recipe.json."""
 
-    def __init__(self, out: Path, recipe: Recipe, log: Callable[[str], None]):
-        self.out, self.recipe, self.log = out, recipe, log
+    def __init__(self, out: Path, recipe: Recipe, log: Callable[[str], None], only: Sequence[str] | None):
+        self.out, self.recipe, self.log, self.only = out, recipe, log, only
         self.record_path = out / "recipe.json"
         record = json.loads(self.record_path.read_text()) if self.record_path.is_file() else {}
         saved = record.get("recipe")
@@ -149,10 +151,16 @@ class _Stages:
         self._save()
 
     def _save(self) -> None:
+        # Stages may run in separate processes (--stage): keep the times another one recorded.
+        if self.record_path.is_file():
+            theirs = json.loads(self.record_path.read_text()).get("stages", {})
+            self.record["stages"] = {**theirs, **self.record["stages"]}
         self.out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.record_path, json.dumps(self.record, indent=2) + "\n")
 
     def run(self, name: str, done: Callable[[], bool], work: Callable[[], None]) -> None:
+        if self.only is not None and name not in self.only:
+            return
         if done():
             self.log(f"[{name}] done already")
             return
@@ -166,15 +174,27 @@ class _Stages:
         self.log(f"[{name}] finished in {seconds:.0f} s")
 
 
-def run_recipe(out: str | Path, recipe: Recipe | None = None, log: Callable[[str], None] = print) -> Path:
-    """Run (or resume) every stage into ``out``; returns ``out/model``."""
+def run_recipe(
+    out: str | Path,
+    recipe: Recipe | None = None,
+    log: Callable[[str], None] = print,
+    only: Sequence[str] | None = None,
+) -> Path:
+    """Run (or resume) every stage into ``out``, or only the named ones; returns ``out/model``.
+
+    A stage named in ``only`` needs the stages before it finished (stages of other names may run
+    at the same time in other processes: decoder and vae need only clip and tokenizers).
+    """
     import torch
 
     recipe = recipe or Recipe.full()
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     out = Path(out)
-    stages = _Stages(out, recipe, log)
+    unknown = sorted(set(only or ()) - set(STAGES))
+    if unknown:
+        raise ValueError(f"stages {unknown}: expected some of {list(STAGES)}")
+    stages = _Stages(out, recipe, log, only)
     paths = {name: out / name for name in ("tokenizers", "clip", "vae", "decoder", "components")}
 
     stages.run(
@@ -246,6 +266,7 @@ def _vae(path: Path, recipe: Recipe) -> None:
         device=recipe.device,
         checkpoint_every=recipe.checkpoint_every,
         eval_scenes=512 if recipe.vae_steps >= 100 else 16,
+        scale_samples=2048 if recipe.vae_steps >= 100 else 64,
     )
 
 
@@ -302,7 +323,11 @@ def _components(out: Path, recipe: Recipe) -> None:
     decoder = load_decoder_checkpoint(last.path).frozen()
     autoencoder = ImageAutoencoder.load(out / "vae" / "autoencoder.safetensors")
     config = network_config(
-        recipe, decoder.config.prefix_dim, image_encoder.model.config.projection_dim, text_encoder.max_length
+        recipe,
+        decoder.config.prefix_dim,
+        image_encoder.model.config.projection_dim,
+        text_encoder.max_length,
+        recipe.image_size // autoencoder.config.downsample,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
@@ -389,4 +414,4 @@ def _model(out: Path) -> None:
     pipe.save_pretrained(out / "model")
 
 
-__all__ = ["SHAPES_PROMPTS", "Recipe", "decoder_architecture", "network_config", "run_recipe"]
+__all__ = ["SHAPES_PROMPTS", "STAGES", "Recipe", "decoder_architecture", "network_config", "run_recipe"]

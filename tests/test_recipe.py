@@ -1,0 +1,102 @@
+"""The shapes recipe end to end at smoke size: every stage runs, resumes, refuses other options; the
+finished model loads in the pipeline, is scored by `eval shapes` and fills a gallery."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from unidiffuser.cli import main
+from unidiffuser.pipeline import UniDiffuser
+from unidiffuser.shapes import render, sample_scene
+from unidiffuser.shapes.evaluate import evaluate, format_rows
+from unidiffuser.shapes.recipe import Recipe, run_recipe
+from unidiffuser.shapes.vae_training import _batch, vae_loss
+
+STAGES = ("tokenizers", "clip", "vae", "decoder", "components", "data", "features", "uvit", "model")
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("recipe")
+    lines: list[str] = []
+    model = run_recipe(out, Recipe.smoke(threads=1), log=lines.append)
+    return out, model, lines
+
+
+def test_every_stage_runs_once_and_is_recorded(smoke_run):
+    out, model, lines = smoke_run
+    record = json.loads((out / "recipe.json").read_text())
+    assert list(record["stages"]) == list(STAGES)
+    assert all(s["device"] == "cpu" and s["seconds"] >= 0 for s in record["stages"].values())
+    assert [line for line in lines if line.endswith("running")] == [f"[{s}] running" for s in STAGES]
+    assert (model / "unidiffuser.json").is_file()
+
+
+def test_a_rerun_skips_finished_stages(smoke_run):
+    out, _, _ = smoke_run
+    lines: list[str] = []
+    run_recipe(out, Recipe.smoke(threads=1), log=lines.append)
+    assert lines == [f"[{s}] done already" for s in STAGES]
+
+
+def test_other_options_are_refused(smoke_run):
+    out, _, _ = smoke_run
+    with pytest.raises(ValueError, match=r"other options \(uvit_steps\)"):
+        run_recipe(out, Recipe.smoke(uvit_steps=5), log=lambda _: None)
+
+
+def test_the_model_has_the_worlds_sizes_and_samples(smoke_run):
+    _, model, _ = smoke_run
+    pipe = UniDiffuser.from_pretrained(model)
+    assert pipe.default_size == (64, 64)
+    assert pipe.network.config.modality("text").shape == (24, 16)  # the world's context, the decoder's latent
+    assert pipe.text_encoder.max_length == 24
+    out = pipe.image_to_text(render(sample_scene(0), 64), steps=2)
+    assert len(out.texts) == 1 and isinstance(out.texts[0], str)
+
+
+def test_eval_scores_every_mode(smoke_run):
+    _, model, _ = smoke_run
+    pipe = UniDiffuser.from_pretrained(model)
+    rows = evaluate(pipe, samples=2, steps=2, guidance_scales=(0.0,), batch_size=2)
+    tasks = {r.task for r in rows}
+    assert tasks == {
+        "t2i, 1 object", "t2i, 2 objects", "i2t, 1 object", "i2t, 2 objects", "image variation",
+        "text variation", "joint", "image (valid scene)", "text (valid caption)",
+    }  # fmt: skip
+    assert all(0.0 <= r.score <= 1.0 and r.n == 2 for r in rows)
+    assert {r.split for r in rows if r.task.startswith("t2i")} == {"seen", "held-out"}
+    table = format_rows(rows)
+    assert table.count("\n") == len(rows) + 1
+
+
+def test_demo_writes_a_gallery_of_every_mode(smoke_run, tmp_path, capsys):
+    _, model, _ = smoke_run
+    assert main(["demo", "--model", str(model), "--out", str(tmp_path), "--steps", "2"]) == 0
+    names = ("t2i", "i2t", "joint", "image", "text", "image_variation", "text_variation", "interpolation")
+    page = (tmp_path / "index.html").read_text()
+    for name in names:
+        assert (tmp_path / f"{name}.png").stat().st_size > 0
+        assert f"src='{name}.png'" in page
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_the_vae_loss_weighs_object_pixels():
+    from diffusers import AutoencoderKL
+
+    from unidiffuser.shapes.vae_training import SHAPES_VAE
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**SHAPES_VAE.diffusers_config())
+    x, mask = _batch(0, 0, 4, 64)
+    assert 0.005 < mask.mean() < 0.3  # objects are a small part of each picture
+    plain, _ = vae_loss(vae, x, 0.0, torch.Generator().manual_seed(0))
+    weighted, _ = vae_loss(vae, x, 0.0, torch.Generator().manual_seed(0), mask)
+    # Same reconstruction, other weights: the losses differ, and both are finite.
+    assert torch.isfinite(plain) and torch.isfinite(weighted) and not torch.isclose(plain, weighted)
+    background_only = torch.zeros_like(mask)
+    same, _ = vae_loss(vae, x, 0.0, torch.Generator().manual_seed(0), background_only)
+    assert torch.isclose(same, plain, rtol=1e-5)
+    assert np.isfinite(float(weighted))
