@@ -439,7 +439,10 @@ def test_data_workers_give_the_same_batches_cursors_and_skips(shards):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
         assert alone.cursor == ahead.cursor
     assert alone.skipped == ahead.skipped and alone.skipped["non_finite"] >= 3
-    ahead.close()
+    workers = ahead._ahead.chunks._workers  # the DataLoader's processes
+    assert len(workers) == 2 and all(w.is_alive() for w in workers)
+    ahead.close()  # stops them now, not whenever a garbage collection comes
+    assert not any(w.is_alive() for w in workers)
     with pytest.raises(ValueError, match="num_workers=-1: must be >= 0"):
         DataStream(source, 4, seed=0, num_workers=-1)
 

@@ -545,9 +545,9 @@ class ReadAhead:
             # seeds the initial weights; nothing in them draws from it
             generator=torch.Generator().manual_seed(derive_seed(stream.seed, "workers", stream.rank)),
         )
-        self.chunks = iter(loader)
+        self.chunks = iter(loader)  # its workers stop when it is collected: keep it out of cycles
         self.next_cursor = start
-        self.pending: collections.deque[dict[str, Tensor] | SkipExample] = collections.deque()
+        self.pending: collections.deque[dict[str, Tensor] | tuple[str, str]] = collections.deque()
 
     def take(self, cursor: int) -> dict[str, Tensor]:
         if cursor != self.next_cursor:
@@ -558,12 +558,13 @@ class ReadAhead:
                 if isinstance(outcome, int):
                     self.pending.append({name: values[outcome] for name, values in stacked.items()})
                 else:
-                    self.pending.append(SkipExample(*outcome))
+                    self.pending.append(outcome)
         self.next_cursor += 1
-        outcome = self.pending.popleft()
-        if isinstance(outcome, SkipExample):
-            raise outcome
-        return outcome
+        example = self.pending.popleft()
+        if isinstance(example, tuple):
+            # a new exception, bound to no local: its traceback must not keep this reader alive
+            raise SkipExample(*example)
+        return example
 
 
 def resume_cursor(cursors: Sequence[int], rank: int, world_size: int) -> tuple[int, bool]:
