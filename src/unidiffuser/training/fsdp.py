@@ -3,7 +3,8 @@
 Every block of the U-ViT, then the network around them, is sharded over the processes: each keeps
 1/W of the weights, gradients, AdamW moments and EMA, and a block's full weights exist only while
 it runs. With bf16 mixed precision the weights are gathered in bf16 and gradients reduced in fp32.
-It runs on GPUs (nccl) and CPUs (gloo; the tests run it there) and needs torch >= 2.6.
+It runs on GPUs (nccl) and CPUs (gloo; the tests run it there) and needs torch >= 2.6 (tested
+with 2.13).
 
 Checkpoints keep the format of one-process and DDP runs: the full weights, EMA and optimizer state
 are gathered (every process takes part) and the main process writes them. So a checkpoint loads
@@ -29,7 +30,7 @@ def _fsdp():
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         from torch.distributed.tensor import DTensor, distribute_tensor
     except ImportError:
-        raise RuntimeError(
+        raise ValueError(
             f"distributed = 'fsdp' needs torch >= 2.6 (torch.distributed.fsdp.fully_shard); this is torch "
             f"{torch.__version__}: upgrade torch, or train with distributed = 'ddp'"
         ) from None
