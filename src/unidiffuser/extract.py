@@ -57,7 +57,6 @@ Bad items are skipped and counted. Reruns resume where they stopped. Several pro
   torchrun --nproc_per_node N -m unidiffuser.cli extract ...     (each takes every N-th part)
 """
 PIXEL_MULTIPLE = 16  # the autoencoder downsamples 8x and the network's patches are 2 latents wide
-DOWNSAMPLE = 8  # pixels per latent of the KL-f8 autoencoder (the pipeline's ``downsample``)
 
 
 @dataclass(frozen=True)
@@ -354,7 +353,7 @@ def extract(
         architecture = encoders.network_config
     else:
         encoders, architecture = pipeline, pipeline.network.config
-    _check_model(architecture, config, log if rank == 0 else None)
+    _check_model(architecture, encoders.autoencoder.config.downsample, config, log if rank == 0 else None)
     save_dtype = {"fp16": torch.float16, "fp32": torch.float32}[config.save_dtype]
     encode = FeatureEncoder(encoders, config.text_features, save_dtype)
     meta = {
@@ -388,10 +387,13 @@ def extract(
     return result
 
 
-def _check_model(architecture: UViTConfig, config: ExtractConfig, log: Callable[[str], None] | None) -> None:
-    """The settings against the model's network: pixel multiple, data_type label, trained size."""
+def _check_model(
+    architecture: UViTConfig, downsample: int, config: ExtractConfig, log: Callable[[str], None] | None
+) -> None:
+    """The settings against the model's network (and its autoencoder's pixels per latent):
+    pixel multiple, data_type label, trained size."""
     img = architecture.modality("img")
-    step = img.patch_size * DOWNSAMPLE
+    step = img.patch_size * downsample
     if config.resolution % step:
         raise ValueError(f"resolution={config.resolution}: this model needs a multiple of {step} pixels")
     label = next((m for m in architecture.labels if m.name == "data_type"), None)
@@ -399,9 +401,9 @@ def _check_model(architecture: UViTConfig, config: ExtractConfig, log: Callable[
         raise ValueError(
             f"data_type={config.data_type}: the model's data_type label takes 0 .. {label.num_classes - 1}"
         )
-    trained = (img.shape[1] * DOWNSAMPLE, img.shape[2] * DOWNSAMPLE)
+    trained = (img.shape[1] * downsample, img.shape[2] * downsample)
     if log is not None and (config.resolution,) * 2 != trained:
-        side = config.resolution // DOWNSAMPLE
+        side = config.resolution // downsample
         log(
             f"note: resolution {config.resolution} gives {side}x{side} latents; this model's network "
             f"was built for {trained[0]}x{trained[1]} pixels: train a network of that size"
