@@ -99,4 +99,4 @@ def test_the_vae_loss_weighs_object_pixels():
     background_only = torch.zeros_like(mask)
     same, _ = vae_loss(vae, x, 0.0, torch.Generator().manual_seed(0), background_only)
     assert torch.isclose(same, plain, rtol=1e-5)
-    assert np.isfinite(float(weighted))
+    assert np.isfinite(float(weighted.detach()))
