@@ -228,24 +228,19 @@ class CaptionOrder:
 def load_text_encoder(path: str | Path) -> ClipTextEncoder:
     """The CLIP text encoder of a model directory (any layout) or of a transformers CLIP folder.
 
-    The folder names are those ``loading.py`` reads; only the text encoder is loaded.
+    Only the text encoder is read (``loading.load_components``), never the rest of the model.
     """
-    from ..loading import detect_layout
+    from ..loading import load_components
 
     path = Path(path)
     if (path / "config.json").is_file():
         return ClipTextEncoder.from_pretrained_dir(path)
     try:
-        layout = detect_layout(path)
+        return load_components(path, ["text_encoder"]).text_encoder
     except (ValueError, FileNotFoundError) as e:
         raise ValueError(
             f"text_encoder = {str(path)!r}: not a CLIP folder or a model directory: {e}"
         ) from None
-    if layout == "ours":
-        return ClipTextEncoder.from_pretrained_dir(path / "text_encoder")
-    if layout == "release":
-        return ClipTextEncoder.from_pretrained_dir(path / "clip-vit-large-patch14")
-    return ClipTextEncoder.from_pretrained_dir(path / "text_encoder", tokenizer_path=path / "clip_tokenizer")
 
 
 def load_decoder_checkpoint(path: str | Path) -> CaptionDecoder:
@@ -366,10 +361,10 @@ def initial_decoder(
             f"starting from pretrained GPT-2 ({source}) under a new bottleneck (feature_dim {feature_dim})"
         )
     elif model_dir is not None:
-        from ..loading import load_pipeline
+        from ..loading import load_components
 
-        try:  # the whole model is read (loading.py has no reader of the decoder alone)
-            decoder = load_pipeline(source).caption_decoder
+        try:  # the caption decoder alone: the model's other weights stay unread
+            decoder = load_components(source, ["caption_decoder"]).caption_decoder
         except (ValueError, FileNotFoundError) as e:
             raise ValueError(f"init_from = {config.init_from!r}: {e}") from None
         log.note(f"starting from the caption decoder of the model {source}")
