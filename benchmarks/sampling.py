@@ -457,8 +457,10 @@ def main(argv: list[str] | None = None) -> None:
         inputs, times = network_inputs(config, batch, device, dtype, args.seed)
         network = ours.network
         network.check_values = False  # value checks synchronise the GPU; diffusers' model has none
-        eager = measure(lambda: network(inputs, times), device, args.repeats * 4)
-        network.check_values = True
+        try:
+            eager = measure(lambda: network(inputs, times), device, args.repeats * 4)
+        finally:
+            network.check_values = True
         fast = (
             None
             if path == "eager"
