@@ -63,6 +63,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"unidiffuser sample: --model {args.model}: {err}") from None
     pipe.data_type = args.data_type
+    if args.fast or args.fp8:
+        pipe.enable_fast_sampling(fp8=args.fp8)
 
     solver_steps = len(official_orders(args.steps)) if args.solver == "dpm++3s" else args.steps
     bar = tqdm(total=solver_steps, desc=args.mode, unit="step", file=sys.stderr)
@@ -175,6 +177,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-type", type=int, choices=(0, 1), default=1, help="v1 data_type: 1 curated, 0 web")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="weights dtype")
+    p.add_argument(
+        "--fast", action="store_true",
+        help="compiled network, CUDA graphs on a GPU (the first call compiles: tens of seconds)",
+    )  # fmt: skip
+    p.add_argument("--fp8", action="store_true", help="with --fast: fp8 linear layers (Hopper/Ada GPUs)")
     p.add_argument("--out", default="samples", help="output folder")
     p.set_defaults(func=cmd_sample)
 
