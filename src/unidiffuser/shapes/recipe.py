@@ -60,7 +60,7 @@ class Recipe:
     uvit_width: int = 192
     uvit_depth: int = 8
     uvit_heads: int = 4
-    uvit_steps: int = 4000
+    uvit_steps: int = 7000
     uvit_batch: int = 64
     uvit_lr: float = 3e-4
     uvit_warmup: int = 200
@@ -397,7 +397,7 @@ def _uvit(out: Path, recipe: Recipe) -> None:
         seed=recipe.seed,
         resume=True,
         components=str(out / "components"),
-        sample_every=max(recipe.checkpoint_every * 2, recipe.uvit_steps // 4),
+        sample_every=recipe.checkpoint_every * 2,
         sample_prompts=SHAPES_PROMPTS,
         sample_steps=20,
     )
