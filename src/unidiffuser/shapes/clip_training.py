@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
@@ -44,19 +43,13 @@ from ..components.clip import (
     ImageEmbedderConfig,
     TextEncoderConfig,
 )
-from ..training.checkpoint import (
-    find_checkpoints,
-    load_training_state,
-    write_checkpoint,
-)
 from .captions import caption
-from .stage import warmup_cosine, write_dir, write_json_atomic
+from .stage import StageCheckpoints, warmup_cosine, write_dir, write_json_atomic
 from .tokenizer import CONTEXT_LENGTH, build_clip_tokenizer
 from .world import render_array, sample_scene
 
 CLIP_FORMAT = "unidiffuser.shapes-clip-checkpoint"
 MODEL_FILE = "clip.safetensors"
-OPTIMIZER_FILE = "optimizer.pt"
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps its temperature so logits stay below 100
 
 DEFAULT_STEPS = 5000
@@ -264,36 +257,8 @@ def train_clip(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps))
 
     # Resume from the newest complete checkpoint of this run, if any.
-    ckpt_dir = out_dir / "checkpoints"
-    complete, _ = find_checkpoints(ckpt_dir, kind=CLIP_FORMAT)
-    start, losses = 0, []
-    if complete:
-        ckpt = complete[-1]
-        saved = ckpt.state["options"]
-        if saved != options:
-            differ = sorted(k for k in options if saved.get(k) != options[k])
-            raise ValueError(
-                f"{ckpt.path}: a run with other options ({', '.join(differ)}); use another out_dir"
-            )
-        model.load_state_dict(load_file(str(ckpt.path / MODEL_FILE), device=str(device)), strict=True)
-        training = load_training_state(ckpt)
-        optimizer.load_state_dict(training["optimizer"])
-        scheduler.load_state_dict(training["scheduler"])
-        start, losses = ckpt.step, list(training["losses"])
-
-    def save(step: int) -> None:
-        def write_files(tmp: Path) -> None:
-            weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-            save_file(weights, str(tmp / MODEL_FILE), metadata={"format": CLIP_FORMAT, "step": str(step)})
-            training = {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "losses": losses,
-            }
-            torch.save(training, tmp / OPTIMIZER_FILE)
-
-        state = {"options": options}
-        write_checkpoint(ckpt_dir, step, write_files, state, kind=CLIP_FORMAT, keep_last=keep_last)
+    checkpoints = StageCheckpoints(out_dir, CLIP_FORMAT, MODEL_FILE, options, keep_last)
+    start, losses = checkpoints.resume(model, optimizer, scheduler, device)
 
     bar = tqdm(total=steps, initial=start, desc="clip", disable=not progress, dynamic_ncols=True)
     for step in range(start, steps):
@@ -313,7 +278,7 @@ def train_clip(
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}", T=f"{1 / model.logit_scale.exp().item():.3f}")
         if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
-            save(step + 1)
+            checkpoints.save(step + 1, model, optimizer, scheduler, losses)
     bar.close()
 
     model.eval()

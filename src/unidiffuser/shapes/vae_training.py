@@ -31,19 +31,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..components.autoencoder import AutoencoderConfig, ImageAutoencoder
-from ..training.checkpoint import find_checkpoints, load_training_state, write_checkpoint
 from .parse import parse_image
-from .stage import warmup_cosine, write_json_atomic
+from .stage import StageCheckpoints, warmup_cosine, write_json_atomic
 from .world import background_array, exact, render_array, sample_scene
 
 VAE_FORMAT = "unidiffuser.shapes-vae-checkpoint"
 MODEL_FILE = "autoencoder.safetensors"
-OPTIMIZER_FILE = "optimizer.pt"
 
 SHAPES_VAE = AutoencoderConfig(
     block_out_channels=(16, 32, 64),
@@ -201,37 +198,8 @@ def train_vae(
     optimizer = torch.optim.Adam(vae.parameters(), lr=lr, betas=(0.9, 0.99))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps))
 
-    ckpt_dir = out_dir / "checkpoints"
-    complete, _ = find_checkpoints(ckpt_dir, kind=VAE_FORMAT)
-    start, losses = 0, []
-    if complete:
-        ckpt = complete[-1]
-        saved = ckpt.state["options"]
-        if saved != options:
-            differ = sorted(k for k in options if saved.get(k) != options[k])
-            raise ValueError(
-                f"{ckpt.path}: a run with other options ({', '.join(differ)}); use another out_dir"
-            )
-        vae.load_state_dict(load_file(str(ckpt.path / MODEL_FILE), device=str(device)), strict=True)
-        training = load_training_state(ckpt)
-        optimizer.load_state_dict(training["optimizer"])
-        scheduler.load_state_dict(training["scheduler"])
-        start, losses = ckpt.step, list(training["losses"])
-
-    def save(step: int) -> None:
-        def write_files(tmp: Path) -> None:
-            weights = {k: v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}
-            save_file(weights, str(tmp / MODEL_FILE), metadata={"format": VAE_FORMAT, "step": str(step)})
-            training = {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "losses": losses,
-            }
-            torch.save(training, tmp / OPTIMIZER_FILE)
-
-        write_checkpoint(
-            ckpt_dir, step, write_files, {"options": options}, kind=VAE_FORMAT, keep_last=keep_last
-        )
+    checkpoints = StageCheckpoints(out_dir, VAE_FORMAT, MODEL_FILE, options, keep_last)
+    start, losses = checkpoints.resume(vae, optimizer, scheduler, device)
 
     bar = tqdm(total=steps, initial=start, desc="vae", disable=not progress, dynamic_ncols=True)
     for step in range(start, steps):
@@ -247,7 +215,7 @@ def train_vae(
         bar.update(1)
         bar.set_postfix(mse=f"{parts['mse']:.4f}", kl=f"{parts['kl']:.1f}")
         if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
-            save(step + 1)
+            checkpoints.save(step + 1, vae, optimizer, scheduler, losses)
     bar.close()
 
     vae.eval().to("cpu")
