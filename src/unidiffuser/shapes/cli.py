@@ -62,9 +62,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.out:
         from pathlib import Path
 
-        from .stage import write_json_atomic
+        from .stage import write_text_atomic
 
-        write_json_atomic(Path(args.out), format_rows(rows) + "\n")
+        write_text_atomic(Path(args.out), format_rows(rows) + "\n")
         print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

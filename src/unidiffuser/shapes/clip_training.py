@@ -44,7 +44,7 @@ from ..components.clip import (
     TextEncoderConfig,
 )
 from .captions import caption
-from .stage import StageCheckpoints, warmup_cosine, write_dir, write_json_atomic
+from .stage import StageCheckpoints, warmup_cosine, write_dir, write_text_atomic
 from .tokenizer import CONTEXT_LENGTH, build_clip_tokenizer
 from .world import render_array, sample_scene
 
@@ -297,7 +297,7 @@ def train_clip(
         "final_loss": float(np.mean(losses[-50:])) if losses else None,
         "heldout_retrieval_top1_of_16": accuracy,
     }
-    write_json_atomic(out_dir / "clip_training.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomic(out_dir / "clip_training.json", json.dumps(report, indent=2) + "\n")
     return image_encoder, text_encoder
 
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .stage import write_json_atomic
+from .stage import write_text_atomic
 
 STAGES = ("tokenizers", "clip", "vae", "decoder", "components", "data", "features", "uvit", "model")
 SHAPES_PROMPTS = (
@@ -156,7 +156,7 @@ class _Stages:
             theirs = json.loads(self.record_path.read_text()).get("stages", {})
             self.record["stages"] = {**theirs, **self.record["stages"]}
         self.out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.record_path, json.dumps(self.record, indent=2) + "\n")
+        write_text_atomic(self.record_path, json.dumps(self.record, indent=2) + "\n")
 
     def run(self, name: str, done: Callable[[], bool], work: Callable[[], None]) -> None:
         if self.only is not None and name not in self.only:
@@ -281,7 +281,7 @@ def _decoder(out: Path, recipe: Recipe) -> None:
     if not captions_file.is_file():
         rng = np.random.default_rng([recipe.seed, 0xCA9])
         lines = [caption(sample_scene(rng), rng) for _ in range(recipe.decoder_captions)]
-        write_json_atomic(captions_file, "\n".join(lines) + "\n")
+        write_text_atomic(captions_file, "\n".join(lines) + "\n")
     gpt2_dir = out / "tokenizers" / "gpt2"
     from ..loading import load_tokenizer, with_eos
 
@@ -353,7 +353,7 @@ def _data(path: Path, recipe: Recipe) -> None:
         scene = sample_scene(rng)
         render(scene, recipe.image_size).save(image.with_suffix(".png.tmp"), format="PNG")
         image.with_suffix(".png.tmp").replace(image)
-        write_json_atomic(text, caption(scene, rng) + "\n")  # the caption last: it marks the pair written
+        write_text_atomic(text, caption(scene, rng) + "\n")  # the caption last: it marks the pair written
     (path / "DONE").write_text(f"{recipe.examples}\n")
 
 

@@ -37,7 +37,7 @@ def write_dir(final: Path, save: Callable[[Path], None]) -> None:
         raise
 
 
-def write_json_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     """Write a text file through a temporary name, so a crash never leaves half of it."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from ..components.autoencoder import AutoencoderConfig, ImageAutoencoder
 from .parse import parse_image
-from .stage import StageCheckpoints, warmup_cosine, write_json_atomic
+from .stage import StageCheckpoints, warmup_cosine, write_text_atomic
 from .world import background_array, exact, render_array, sample_scene
 
 VAE_FORMAT = "unidiffuser.shapes-vae-checkpoint"
@@ -232,7 +232,7 @@ def train_vae(
         "scale_factor": scale,
         "heldout_roundtrip_parse_accuracy": accuracy,
     }
-    write_json_atomic(out_dir / "vae_training.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomic(out_dir / "vae_training.json", json.dumps(report, indent=2) + "\n")
     return trained
 
 
