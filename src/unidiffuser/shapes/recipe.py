@@ -60,7 +60,7 @@ class Recipe:
     uvit_width: int = 192
     uvit_depth: int = 8
     uvit_heads: int = 4
-    uvit_steps: int = 7000
+    uvit_steps: int = 11000
     uvit_batch: int = 64
     uvit_lr: float = 3e-4
     uvit_warmup: int = 200
@@ -133,30 +133,28 @@ def decoder_architecture(vocab_size: int, text_length: int) -> dict[str, Any]:
 class _Stages:
     """Runs the stages in order, skipping finished ones, and records each one's time in recipe.json."""
 
+    IGNORED = ("threads",)  # options that do not change what a stage makes
+
     def __init__(self, out: Path, recipe: Recipe, log: Callable[[str], None], only: Sequence[str] | None):
         self.out, self.recipe, self.log, self.only = out, recipe, log, only
         self.record_path = out / "recipe.json"
-        record = json.loads(self.record_path.read_text()) if self.record_path.is_file() else {}
-        saved = record.get("recipe")
-        mine = dataclasses.asdict(recipe)
-        if saved is not None and {k: v for k, v in saved.items() if k != "threads"} != {
-            k: v for k, v in mine.items() if k != "threads"
-        }:
-            differ = sorted(k for k in mine if k != "threads" and saved.get(k) != mine[k])
-            raise ValueError(
-                f"{out}: made by a recipe with other options ({', '.join(differ)}); "
-                "use another --out, or the same options to resume"
-            )
-        self.record = {"recipe": mine, "stages": record.get("stages", {})}
-        self._save()
+        mine = {k: v for k, v in dataclasses.asdict(recipe).items() if k not in self.IGNORED}
+        saved = self._read().get("recipe")
+        if saved is not None:
+            differ = sorted(k for k in mine if saved.get(k) != mine[k])
+            if differ:
+                raise ValueError(
+                    f"{out}: made by a recipe with other options ({', '.join(differ)}); "
+                    "use another --out, or the same options to resume"
+                )
+        self._write({"recipe": mine, "stages": self._read().get("stages", {})})
 
-    def _save(self) -> None:
-        # Stages may run in separate processes (--stage): keep the times another one recorded.
-        if self.record_path.is_file():
-            theirs = json.loads(self.record_path.read_text()).get("stages", {})
-            self.record["stages"] = {**theirs, **self.record["stages"]}
+    def _read(self) -> dict:
+        return json.loads(self.record_path.read_text()) if self.record_path.is_file() else {}
+
+    def _write(self, record: dict) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.record_path, json.dumps(self.record, indent=2) + "\n")
+        write_text_atomic(self.record_path, json.dumps(record, indent=2) + "\n")
 
     def run(self, name: str, done: Callable[[], bool], work: Callable[[], None]) -> None:
         if self.only is not None and name not in self.only:
@@ -168,9 +166,11 @@ class _Stages:
         start = time.perf_counter()
         work()
         seconds = time.perf_counter() - start
-        previous = self.record["stages"].get(name, {}).get("seconds", 0.0)
-        self.record["stages"][name] = {"seconds": round(previous + seconds, 1), "device": self.recipe.device}
-        self._save()
+        # Read again: stages may run in other processes at the same time (--stage) and record theirs.
+        record = self._read()
+        previous = record["stages"].get(name, {}).get("seconds", 0.0)
+        record["stages"][name] = {"seconds": round(previous + seconds, 1), "device": self.recipe.device}
+        self._write(record)
         self.log(f"[{name}] finished in {seconds:.0f} s")
 
 
