@@ -48,3 +48,17 @@ def random_inputs(cfg: UViTConfig, batch: int, generator: torch.Generator | None
 def tiny():
     torch.manual_seed(0)
     return UViT(PRESETS["tiny"]).eval()
+
+
+def write_tiny_features(path: Path, n: int) -> None:
+    """One feature shard of ``n`` synthetic examples for the tiny image-text network (seeded)."""
+    from unidiffuser.training.data import write_feature_shard
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "img": torch.randn(n, 8, 8, 8, generator=g).half(),  # mean and log-variance of 4 channels
+        "clip_img": torch.randn(n, 16, generator=g),
+        "text": torch.randn(n, 77, 8, generator=g),
+        "data_type": torch.arange(n) % 2,
+    }
+    write_feature_shard(path, tensors, {"moments": ["img"]})

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_tiny_features
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -88,15 +89,7 @@ def released(tmp_path_factory):
 def shards(tmp_path_factory):
     """Synthetic features of the network's modalities: VAE moments, CLIP image embedding, text latent."""
     root = tmp_path_factory.mktemp("features")
-    g = torch.Generator().manual_seed(0)
-    n = 16
-    tensors = {
-        "img": torch.randn(n, 8, 8, 8, generator=g).half(),  # mean and log-variance of 4 channels
-        "clip_img": torch.randn(n, 16, generator=g),
-        "text": torch.randn(n, 77, 8, generator=g),
-        "data_type": torch.arange(n) % 2,
-    }
-    write_feature_shard(root / "part-0.safetensors", tensors, {"moments": ["img"]})
+    write_tiny_features(root / "part-0.safetensors", 16)
     return root
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed.fsdp
+from conftest import write_tiny_features
 from PIL import Image
 from safetensors.torch import load_file
 from test_finetune import ARCH, config
@@ -27,7 +28,7 @@ from unidiffuser.components.images import make_grid
 from unidiffuser.network import UViT
 from unidiffuser.pipeline import UniDiffuser
 from unidiffuser.tiny import tiny_pipeline
-from unidiffuser.training import find_checkpoints, load_training_state, write_feature_shard
+from unidiffuser.training import find_checkpoints, load_training_state
 from unidiffuser.training.trainer import load_components
 
 if not hasattr(torch.distributed.fsdp, "fully_shard"):
@@ -53,15 +54,7 @@ torch.distributed.destroy_process_group()
 def runs(tmp_path_factory):
     """(DDP run directory, FSDP run directory, the launch's stderr, the components' model directory)."""
     root = tmp_path_factory.mktemp("fsdp")
-    g = torch.Generator().manual_seed(0)
-    n = 24
-    tensors = {
-        "img": torch.randn(n, 8, 8, 8, generator=g).half(),  # mean and log-variance of 4 channels
-        "clip_img": torch.randn(n, 16, generator=g),
-        "text": torch.randn(n, 77, 8, generator=g),
-        "data_type": torch.arange(n) % 2,
-    }
-    write_feature_shard(root / "features" / "part-0.safetensors", tensors, {"moments": ["img"]})
+    write_tiny_features(root / "features" / "part-0.safetensors", 24)
     model_dir = root / "tiny"
     tiny_pipeline(seed=0).save_pretrained(model_dir)
     common = dict(model=ARCH.to_dict(), steps=3, batch_size=8, checkpoint_every=2, keep_last=5)
