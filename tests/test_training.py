@@ -35,7 +35,7 @@ from unidiffuser.training import (
 )
 from unidiffuser.training.cli import main as train_cli
 from unidiffuser.training.config import parse_toml
-from unidiffuser.training.trainer import parameter_groups, warmup_factor
+from unidiffuser.training.trainer import lr_factor, parameter_groups, warmup_factor
 
 TOY_ARCH = ToyWorld().config(width=32, depth=2, num_heads=2)
 TOY_MODEL = TOY_ARCH.to_dict()
@@ -218,6 +218,25 @@ def test_fsdp_with_one_process_trains_unsharded(tmp_path, capsys):
 def test_linear_warmup():
     assert [warmup_factor(k, 4) for k in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     assert warmup_factor(0, 0) == 1.0
+
+
+def test_warmup_constant_then_linear_decay_to_zero():
+    factors = [lr_factor(k, warmup_steps=2, decay_steps=4, steps=8) for k in range(8)]
+    assert factors == [0.5, 1.0, 1.0, 1.0, 1.0, 0.75, 0.5, 0.25]
+    assert [lr_factor(k, 0, 0, 3) for k in range(3)] == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match=r"decay_steps = 9: is more than steps = 8; set it to at most steps"):
+        TrainConfig(steps=8, decay_steps=9)
+
+
+def test_resume_with_a_new_decay_follows_the_new_schedule_from_the_first_step(tmp_path):
+    """Constant for 2 steps, then resumed with steps 4 and a 3-step decay, equals that schedule straight:
+    the resumed step 3 trains at 2/3 of lr, not at the rate the checkpoint's schedule had set."""
+    straight = train(toy_config(tmp_path / "straight", warmup_steps=0, decay_steps=3))
+    config = toy_config(tmp_path / "split", warmup_steps=0)
+    train(replace(config, steps=2))
+    resumed = train(replace(config, decay_steps=3, resume=True))
+    for which in ("model", "ema"):
+        assert_same_weights(weights(resumed.checkpoint, which), weights(straight.checkpoint, which))
 
 
 def test_ema_follows_its_closed_form(tmp_path):

@@ -60,10 +60,11 @@ class Recipe:
     uvit_width: int = 192
     uvit_depth: int = 8
     uvit_heads: int = 4
-    uvit_steps: int = 11_000
+    uvit_steps: int = 21_000
     uvit_batch: int = 64
     uvit_lr: float = 3e-4
     uvit_warmup: int = 200
+    uvit_decay: int = 5000  # the last steps lower the learning rate linearly to 0
     ema_decay: float = 0.999
     checkpoint_every: int = 500
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
@@ -90,6 +91,7 @@ class Recipe:
             uvit_steps=4,
             uvit_batch=8,
             uvit_warmup=2,
+            uvit_decay=2,
             checkpoint_every=2,
         )
         return cls(**{**small, **overrides})
@@ -390,6 +392,7 @@ def _uvit(out: Path, recipe: Recipe) -> None:
         batch_size=recipe.uvit_batch,
         lr=recipe.uvit_lr,
         warmup_steps=recipe.uvit_warmup,
+        decay_steps=recipe.uvit_decay,
         ema_decay=recipe.ema_decay,
         checkpoint_every=recipe.checkpoint_every,
         keep_last=2,

@@ -71,6 +71,7 @@ class TrainConfig:
     weight_decay: float = 0.03
     betas: tuple[float, float] = (0.9, 0.9)
     warmup_steps: int = 5000
+    decay_steps: int = 0
     ema_decay: float = 0.9999
     grad_clip: float = 1.0
     mixed_precision: str = "no"
@@ -99,7 +100,9 @@ class TrainConfig:
         object.__setattr__(self, "sample_images", tuple(self.sample_images))
         if isinstance(self.model, Mapping):  # one canonical, JSON-ready form of an inline config
             object.__setattr__(self, "model", json.loads(json.dumps(self.model_config().to_dict())))
-        _check_minimums(self, grad_accum=1, sample_every=0, sample_steps=1, num_workers=0)
+        _check_minimums(self, grad_accum=1, sample_every=0, sample_steps=1, num_workers=0, decay_steps=0)
+        if self.decay_steps > self.steps:
+            _fail("decay_steps", self.decay_steps, f"is more than steps = {self.steps}", "set it to at most steps")
         _check_optimizer(self, recipe="0.03 (the recipe)", betas="[0.9, 0.9]")
         if not 0 <= self.ema_decay < 1:
             _fail("ema_decay", self.ema_decay, "must lie in [0, 1)", "use 0.9999 (the recipe)")
@@ -232,6 +235,8 @@ FIELD_HELP: dict[str, str] = {
     "weight_decay": "AdamW weight decay (never on norms, biases, position embeddings, embedding tables)",
     "betas": "AdamW betas",
     "warmup_steps": "steps of linear learning-rate warm-up from 0",
+    "decay_steps": "the last this many steps lower the learning rate linearly to 0 at step `steps` "
+    "(raising `steps` on resume moves the decay with it); 0 keeps it constant after the warm-up",
     "ema_decay": "decay of the exponential moving average of the weights (used for sampling)",
     "grad_clip": "clip the global gradient norm to this; 0 turns clipping off",
     "mixed_precision": f"autocast precision, one of {', '.join(MIXED_PRECISION)}",

@@ -145,6 +145,15 @@ def warmup_factor(step: int, warmup_steps: int) -> float:
     return 1.0 if warmup_steps == 0 else min(1.0, (step + 1) / warmup_steps)
 
 
+def lr_factor(step: int, warmup_steps: int, decay_steps: int, steps: int) -> float:
+    """Warm-up, constant, then a linear decay over the last D of S steps: step k gets (S - k) / D there.
+
+    The last step (k = S - 1) trains at lr / D; a run resumed with more steps moves its decay along.
+    """
+    decay = 1.0 if decay_steps == 0 else min(1.0, (steps - step) / decay_steps)
+    return warmup_factor(step, warmup_steps) * max(decay, 0.0)
+
+
 def build_optimizer(
     model: nn.Module, config: TrainConfig, device: torch.device | str = "cpu"
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
@@ -156,7 +165,10 @@ def build_optimizer(
         fused=torch.device(device).type == "cuda" or None,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, functools.partial(warmup_factor, warmup_steps=config.warmup_steps)
+        optimizer,
+        functools.partial(
+            lr_factor, warmup_steps=config.warmup_steps, decay_steps=config.decay_steps, steps=config.steps
+        ),
     )
     return optimizer, scheduler
 
@@ -548,6 +560,9 @@ def train(config: TrainConfig) -> TrainResult:
         else:
             optimizer.load_state_dict(training["optimizer"])
         scheduler.load_state_dict(training["scheduler"])
+        # the schedule is this run's (steps or decay_steps may have changed), the position the checkpoint's
+        for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * factor(scheduler.last_epoch)
         if accelerator.scaler is not None and training.get("scaler"):
             accelerator.scaler.load_state_dict(training["scaler"])
         cursor, exact = resume_cursor(training["data"]["cursors"], rank, world)
