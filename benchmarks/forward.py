@@ -24,10 +24,12 @@ from pathlib import Path
 import torch
 
 try:
+    from unidiffuser.devices import device_option
     from unidiffuser.flops import forward_flops, num_tokens
     from unidiffuser.network import PRESETS, UViT, UViTConfig
 except ImportError:  # run from a checkout without installing: use the src/ beside this script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from unidiffuser.devices import device_option
     from unidiffuser.flops import forward_flops, num_tokens
     from unidiffuser.network import PRESETS, UViT, UViTConfig
 
@@ -60,14 +62,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.repeats < 1 or args.warmup < 0 or any(b < 1 for b in args.batch_sizes):
         parser.error("--repeats and every batch size must be >= 1, --warmup >= 0")
     return args
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: torch sees no CUDA device")
-    return torch.device(name)
 
 
 def plan(args: argparse.Namespace, device: torch.device) -> list[tuple[str, str]]:
@@ -130,7 +124,7 @@ def format_row(cells: tuple) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    device = resolve_device(args.device)
+    device = device_option(args.device, Path(__file__).name)
     cuda = device.type == "cuda"
     if cuda:
         name = torch.cuda.get_device_name(device)

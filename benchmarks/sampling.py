@@ -75,6 +75,7 @@ try:
 except ImportError:  # run from a checkout without installing: use the src/ beside this script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     from unidiffuser.pipeline import UniDiffuser
+from unidiffuser.devices import device_option
 from unidiffuser.flops import forward_flops
 from unidiffuser.network import PRESETS, UViT, UViTConfig
 from unidiffuser.official import to_diffusers_keys
@@ -118,14 +119,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if min(args.steps, args.repeats, args.throughput_repeats, args.forward_batch, *args.batch_sizes) < 1:
         parser.error("--steps, the repeats and every batch size must be >= 1")
     return args
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: torch sees no CUDA device")
-    return torch.device(name)
 
 
 # -- the two pipelines --------------------------------------------------------------------------
@@ -356,7 +349,7 @@ def quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    device = resolve_device(args.device)
+    device = device_option(args.device, Path(__file__).name)
     quiet_libraries()
     cuda = device.type == "cuda"
     dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]

@@ -33,9 +33,11 @@ from pathlib import Path
 import torch
 
 try:
+    from unidiffuser.devices import device_option
     from unidiffuser.training.trainer import build_model, build_optimizer, update_ema
 except ImportError:  # run from a checkout without installing: use the src/ beside this script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from unidiffuser.devices import device_option
     from unidiffuser.training.trainer import build_model, build_optimizer, update_ema
 
 from unidiffuser.flops import forward_flops
@@ -171,10 +173,7 @@ def format_row(cells: tuple) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    name = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: torch sees no CUDA device")
-    device = torch.device(name)
+    device = device_option(args.device, Path(__file__).name)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # what a training run on an Ampere+ GPU would use
         header = f"device: {torch.cuda.get_device_name(device)} | torch {torch.__version__} | CUDA {torch.version.cuda}"

@@ -135,19 +135,6 @@ def process_index() -> tuple[int, int, int]:
     return rank, world, int(os.environ.get("LOCAL_RANK", rank))
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """The device named by --device; "auto" is this process's GPU when there is one, else the CPU."""
-    import torch
-
-    if name == "auto":  # more processes than GPUs share them
-        if torch.cuda.is_available():
-            return torch.device(f"cuda:{local_rank % torch.cuda.device_count()}")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r}: no CUDA device is available; use cpu")
-    return torch.device(name)
-
-
 def _write_json(path: Path, value: Any) -> None:
     """Write JSON atomically: a temporary file in the same folder, then a rename."""
     import tempfile
@@ -317,6 +304,7 @@ def extract(
     import torch
     from tqdm import tqdm
 
+    from .devices import resolve_device
     from .training.sources import describe_skips, my_parts, open_data
 
     env_rank, env_world, local_rank = process_index()

@@ -26,24 +26,13 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def _device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(
-            f"unidiffuser sample: --device {name}: no CUDA device is available; use --device cpu"
-        )
-    return torch.device(name)
-
-
 def cmd_sample(args: argparse.Namespace) -> int:
     """Run one task of a UniDiffuser model and write its images, captions, a grid and the settings."""
     import torch
     from tqdm import tqdm
 
     from .components.images import make_grid
+    from .devices import device_option
     from .pipeline import UniDiffuser
     from .shipped import shipped_model_dir
     from .solvers import official_orders
@@ -56,7 +45,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if not Path(image).is_file():
             raise SystemExit(f"unidiffuser sample: --image {image}: no such file")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    device = _device(args.device)
+    device = device_option(args.device, "unidiffuser sample")
     try:
         model = args.model if args.model is not None else shipped_model_dir()
         pipe = UniDiffuser.from_pretrained(model, device=device, dtype=dtype)

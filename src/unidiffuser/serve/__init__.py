@@ -31,27 +31,19 @@ def load_model(model: str | None, device: str = "cpu"):
     return UniDiffuser.from_pretrained(model, device=device), str(model)
 
 
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"unidiffuser serve: --device {name}: no CUDA device is available; use --device cpu")
-    return name
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve a model on a web page and a JSON API (the shipped shapes model unless --model)."""
+    from ..devices import device_option
     from .app import bind, build_app, make_server
     from .jobs import Limits
 
+    device = str(device_option(args.device, "unidiffuser serve"))
     try:
         sock = bind(args.host, args.port)
     except OSError as err:
         raise SystemExit(f"unidiffuser serve: {err}; choose another with --port") from None
     try:
-        pipe, name = load_model(args.model, _device(args.device))
+        pipe, name = load_model(args.model, device)
     except (FileNotFoundError, ValueError) as err:
         sock.close()
         where = f"--model {args.model}: " if args.model else ""  # the shipped model's error names itself

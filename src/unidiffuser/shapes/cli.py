@@ -13,10 +13,12 @@ WORLDS = ("shapes",)
 
 def cmd_recipe(args: argparse.Namespace) -> int:
     """Train every component of the shapes model from a seed into --out (resumable: rerun to continue)."""
+    from ..devices import device_option
     from .recipe import Recipe, run_recipe
 
     make = Recipe.smoke if args.smoke else Recipe.full
-    recipe = make(seed=args.seed, device=args.device, threads=args.threads)
+    device = str(device_option(args.device, "unidiffuser recipe"))
+    recipe = make(seed=args.seed, device=device, threads=args.threads)
     start = time.perf_counter()
     try:
         model = run_recipe(args.out, recipe, log=lambda text: print(text, file=sys.stderr), only=args.stage)
@@ -32,15 +34,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Score every mode of a shapes-world model with the world's exact parsers; prints a Markdown table."""
     import torch
 
+    from ..devices import device_option
     from ..pipeline import UniDiffuser
     from ..shipped import shipped_model_dir
     from .evaluate import evaluate, format_rows
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = device_option(args.device, "unidiffuser eval")
     try:
         model = args.model if args.model is not None else shipped_model_dir()
-        pipe = UniDiffuser.from_pretrained(model, device=args.device)
+        pipe = UniDiffuser.from_pretrained(model, device=device)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"unidiffuser eval: --model {args.model}: {err}") from None
     start = time.perf_counter()
@@ -80,7 +84,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("world", choices=WORLDS, help="the synthetic world")
     r.add_argument("--out", required=True, help="run directory; rerun with the same options to resume")
     r.add_argument("--seed", type=int, default=0, help="seed of every stage")
-    r.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    r.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     r.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     r.add_argument("--smoke", action="store_true", help="every stage for a few steps (checks the plumbing)")
     r.add_argument(
@@ -102,7 +106,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     e.add_argument("--seed", type=int, default=0, help="seed of the scenes, prompts and noise")
     e.add_argument("--batch-size", type=positive_int, default=64, help="samples per pipeline call")
-    e.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    e.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     e.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     e.add_argument("--out", default=None, help="also write the table to this Markdown file")
     e.set_defaults(func=cmd_eval)

@@ -102,7 +102,12 @@ class TrainConfig:
             object.__setattr__(self, "model", json.loads(json.dumps(self.model_config().to_dict())))
         _check_minimums(self, grad_accum=1, sample_every=0, sample_steps=1, num_workers=0, decay_steps=0)
         if self.decay_steps > self.steps:
-            _fail("decay_steps", self.decay_steps, f"is more than steps = {self.steps}", "set it to at most steps")
+            _fail(
+                "decay_steps",
+                self.decay_steps,
+                f"is more than steps = {self.steps}",
+                "set it to at most steps",
+            )
         _check_optimizer(self, recipe="0.03 (the recipe)", betas="[0.9, 0.9]")
         if not 0 <= self.ema_decay < 1:
             _fail("ema_decay", self.ema_decay, "must lie in [0, 1)", "use 0.9999 (the recipe)")

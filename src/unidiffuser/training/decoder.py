@@ -54,6 +54,7 @@ from tqdm import tqdm
 from ..components.caption import CaptionDecoder, CaptionDecoderConfig, tiny_gpt2_tokenizer
 from ..components.caption import preset as caption_preset
 from ..components.clip import ClipTextEncoder
+from ..devices import resolve_device
 from .checkpoint import (
     OPTIMIZER_FILE,
     latest_checkpoint,
@@ -422,14 +423,6 @@ class DecoderTrainResult:
     step: int
     checkpoint: Path | None
     decoder: CaptionDecoder
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device = {name!r}: no CUDA device is available; use 'cpu' or 'auto'")
-    return torch.device(name)
 
 
 def save_decoder_checkpoint(

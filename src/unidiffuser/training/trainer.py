@@ -561,7 +561,9 @@ def train(config: TrainConfig) -> TrainResult:
             optimizer.load_state_dict(training["optimizer"])
         scheduler.load_state_dict(training["scheduler"])
         # the schedule is this run's (steps or decay_steps may have changed), the position the checkpoint's
-        for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        for group, base, factor in zip(
+            optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
+        ):
             group["lr"] = base * factor(scheduler.last_epoch)
         if accelerator.scaler is not None and training.get("scaler"):
             accelerator.scaler.load_state_dict(training["scaler"])
