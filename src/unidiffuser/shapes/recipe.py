@@ -60,7 +60,7 @@ class Recipe:
     uvit_width: int = 192
     uvit_depth: int = 8
     uvit_heads: int = 4
-    uvit_steps: int = 21_000
+    uvit_steps: int = 25_000
     uvit_batch: int = 64
     uvit_lr: float = 3e-4
     uvit_warmup: int = 200
