@@ -10,9 +10,10 @@ import torch
 from unidiffuser.cli import main
 from unidiffuser.pipeline import UniDiffuser
 from unidiffuser.shapes import render, sample_scene
-from unidiffuser.shapes.evaluate import evaluate, format_rows
+from unidiffuser.shapes.evaluate import attribute_shares, evaluate, format_rows
 from unidiffuser.shapes.recipe import Recipe, run_recipe
 from unidiffuser.shapes.vae_training import _batch, vae_loss
+from unidiffuser.shapes.world import Object, Scene
 
 STAGES = ("tokenizers", "clip", "vae", "decoder", "components", "data", "features", "uvit", "model")
 
@@ -70,6 +71,29 @@ def test_eval_scores_every_mode(smoke_run):
     assert {r.split for r in rows if r.task.startswith("t2i")} == {"seen", "held-out"}
     table = format_rows(rows)
     assert table.count("\n") == len(rows) + 1
+    one_object = [r for r in rows if r.task in ("t2i, 1 object", "i2t, 1 object")]
+    assert len(one_object) == 4 and all(r.extra.startswith("one object ") for r in one_object)
+    assert all(r.extra == "" for r in rows if r.task in ("t2i, 2 objects", "i2t, 2 objects"))
+
+
+def test_attribute_shares_say_which_attribute_went_wrong():
+    asked = Scene((Object("circle", "red", "large", 1, 1),), "black")
+    two = Scene((Object("circle", "red", "large"), Object("square", "blue", "small")), None, "left of")
+    got = [
+        asked,  # right on everything
+        Scene((Object("square", "red", "large", 1, 1),), "gray"),  # the shape only (backgrounds not judged)
+        None,  # did not parse: wrong on everything
+        two,  # two objects for one: wrong on everything
+        Scene((Object("circle", "red", "large", 2, 1),), "black"),  # the cell only
+    ]
+    shares = attribute_shares([(asked, g) for g in got])
+    assert shares == {"one object": 0.6, "shape": 0.4, "colour": 0.6, "size": 0.6, "cell": 0.4}
+    unplaced = Scene((Object("circle", "red", "large"),))
+    assert (
+        attribute_shares([(unplaced, asked)])["cell"] != attribute_shares([(unplaced, asked)])["cell"]
+    )  # NaN
+    with pytest.raises(ValueError, match="one-object scenes"):
+        attribute_shares([(two, two)])
 
 
 def test_demo_writes_a_gallery_of_every_mode(smoke_run, tmp_path, capsys):

@@ -10,6 +10,10 @@ Each row is one task, one split and one guidance scale, scored on ``samples`` dr
     image variation   the new image states the source scene exactly           (world.exact)
     text variation    the new caption means what the prompt said              (world.exact)
 
+The one-object t2i and i2t rows also say what went wrong: the share of samples that parse as one
+object, and of samples whose shape, colour, size and cell each agree with the asked-for scene (a
+sample that does not parse counts as wrong on each).
+
 Conditional tasks are scored on ``seen`` scenes (shape-colour pairs of the training split) and
 ``held-out`` scenes (at least one pair never shown in training), one and two objects apart. The
 scenes, prompts and sampler noise are functions of the seed, so a rerun gives the same table.
@@ -24,7 +28,7 @@ import numpy as np
 
 from .captions import caption, parse_caption
 from .parse import parse_image
-from .world import canonical, exact, matches, render, sample_scene
+from .world import Scene, canonical, exact, matches, render, sample_scene
 
 SPLITS = {"seen": "train", "held-out": "heldout"}
 DEFAULT_GUIDANCE = (0.0, 3.0)
@@ -50,6 +54,30 @@ def _scenes(seed: int, split: str, num_objects: int | None, n: int):
 
 def _share(flags: Sequence[bool]) -> float:
     return float(np.mean(flags)) if len(flags) else float("nan")
+
+
+ATTRIBUTES = ("shape", "colour", "size", "cell")
+
+
+def attribute_shares(pairs: Sequence[tuple[Scene, Scene | None]]) -> dict[str, float]:
+    """For (asked, got) one-object scenes: the share of ``got`` that parsed as one object ("one
+    object"), and the share agreeing with ``asked`` on each of ``ATTRIBUTES`` (the cell only where
+    ``asked`` places its object; a ``got`` of None or of two objects agrees on nothing)."""
+    if any(len(asked.objects) != 1 for asked, _ in pairs):
+        raise ValueError("attribute_shares compares one-object scenes; the asked-for scenes hold two")
+    single = [(asked.objects[0], got.objects[0] if got is not None and len(got.objects) == 1 else None)
+              for asked, got in pairs]  # fmt: skip
+    shares = {"one object": _share([g is not None for _, g in single])}
+    for name in ATTRIBUTES:
+        fields = ("x", "y") if name == "cell" else (name,)
+        judged = [(a, g) for a, g in single if name != "cell" or a.placed]
+        shares[name] = _share([g is not None and all(getattr(a, f) == getattr(g, f) for f in fields)
+                               for a, g in judged])  # fmt: skip
+    return shares
+
+
+def _describe_shares(shares: dict[str, float]) -> str:
+    return ", ".join(f"{name} {value:.2f}" for name, value in shares.items())
 
 
 def evaluate(
@@ -88,15 +116,20 @@ def evaluate(
             for k in (1, 2):
                 scenes, prompts = _scenes(seed, split, k, samples)
                 images, _ = batched("text_to_image", prompts, guidance_scale=scale)
-                ok = [
-                    matches(parse_caption(p), parse_image(im)) for p, im in zip(prompts, images, strict=True)
-                ]
-                add(Row(f"t2i, {k} object{'s' * (k > 1)}", split_name, scale, samples, _share(ok)))
+                asked = [parse_caption(p) for p in prompts]
+                got = [parse_image(im) for im in images]
+                ok = [matches(a, g) for a, g in zip(asked, got, strict=True)]
+                why = _describe_shares(attribute_shares(list(zip(asked, got, strict=True)))) if k == 1 else ""
+                add(Row(f"t2i, {k} object{'s' * (k > 1)}", split_name, scale, samples, _share(ok), why))
 
                 renders = [render(s, size) for s in scenes]
                 _, texts = batched("image_to_text", renders, guidance_scale=scale)
-                ok = [exact(parse_caption(t), s) for t, s in zip(texts, scenes, strict=True)]
-                add(Row(f"i2t, {k} object{'s' * (k > 1)}", split_name, scale, samples, _share(ok)))
+                got = [parse_caption(t) for t in texts]
+                ok = [exact(g, s) for g, s in zip(got, scenes, strict=True)]
+                why = (
+                    _describe_shares(attribute_shares(list(zip(scenes, got, strict=True)))) if k == 1 else ""
+                )
+                add(Row(f"i2t, {k} object{'s' * (k > 1)}", split_name, scale, samples, _share(ok), why))
 
             scenes, prompts = _scenes(seed, split, None, samples)  # one or two objects
             renders = [render(s, size) for s in scenes]
@@ -135,4 +168,4 @@ def format_rows(rows: Sequence[Row], header: bool = True) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["DEFAULT_GUIDANCE", "Row", "evaluate", "format_rows"]
+__all__ = ["ATTRIBUTES", "DEFAULT_GUIDANCE", "Row", "attribute_shares", "evaluate", "format_rows"]
