@@ -76,7 +76,11 @@ def attribute_shares(pairs: Sequence[tuple[Scene, Scene | None]]) -> dict[str, f
     return shares
 
 
-def _describe_shares(shares: dict[str, float]) -> str:
+def _what_went_wrong(asked: Sequence[Scene], got: Sequence[Scene | None]) -> str:
+    """The attribute shares of one-object rows as a line of the table; nothing for two objects."""
+    if len(asked[0].objects) != 1:
+        return ""
+    shares = attribute_shares(list(zip(asked, got, strict=True)))
     return ", ".join(f"{name} {value:.2f}" for name, value in shares.items())
 
 
@@ -119,16 +123,14 @@ def evaluate(
                 asked = [parse_caption(p) for p in prompts]
                 got = [parse_image(im) for im in images]
                 ok = [matches(a, g) for a, g in zip(asked, got, strict=True)]
-                why = _describe_shares(attribute_shares(list(zip(asked, got, strict=True)))) if k == 1 else ""
+                why = _what_went_wrong(asked, got)
                 add(Row(f"t2i, {k} object{'s' * (k > 1)}", split_name, scale, samples, _share(ok), why))
 
                 renders = [render(s, size) for s in scenes]
                 _, texts = batched("image_to_text", renders, guidance_scale=scale)
                 got = [parse_caption(t) for t in texts]
                 ok = [exact(g, s) for g, s in zip(got, scenes, strict=True)]
-                why = (
-                    _describe_shares(attribute_shares(list(zip(scenes, got, strict=True)))) if k == 1 else ""
-                )
+                why = _what_went_wrong(scenes, got)
                 add(Row(f"i2t, {k} object{'s' * (k > 1)}", split_name, scale, samples, _share(ok), why))
 
             scenes, prompts = _scenes(seed, split, None, samples)  # one or two objects
