@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Every GPU measurement and test of the project in one run, in order of importance, within a time
+# budget: a lent GPU machine is usually held for minutes, not hours.
+#
+#   bash benchmarks/gpu_check.sh OUT_DIR [BUDGET_SECONDS]
+#
+# Each step writes OUT_DIR/<step>.log, runs under its own time limit (never past the budget) and
+# may fail without stopping the next one; OUT_DIR/summary.txt lists each step's exit status
+# (124: stopped at its time limit). The steps:
+#
+#   sampling   benchmarks/sampling.py at the released size against diffusers: end to end,
+#              throughput, network forward against the measured matmul rate, accuracy against
+#              eager fp32. If it fails before its limit, it runs again uncompiled, eager.
+#   tests      pytest -m gpu (the compiled, CUDA-graph and fp8 paths against the eager network)
+#   variants   our text-to-image at batch 1 per fast-path variant (no diffusers)
+#   train      benchmarks/train.py: the released size in bf16 at batch 16, and at batch 32 with
+#              gradient checkpointing
+#
+# PRESET=tiny DEVICE=cpu runs the same steps on the CPU with the tiny components (a smoke test of
+# this script; its figures mean nothing).
+set -u
+out=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR [BUDGET_SECONDS]}
+budget=${2:-540}
+preset=${PRESET:-unidiffuser-v1}
+device=${DEVICE:-cuda}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+end=$(($(date +%s) + budget))
+
+step() {  # step NAME CAP_SECONDS COMMAND...: run COMMAND for at most CAP seconds (and the budget)
+    local name=$1 cap=$2
+    shift 2
+    local left=$((end - $(date +%s)))
+    if ((left < 20)); then
+        echo "$name: skipped, budget spent" | tee -a "$out/summary.txt"
+        return 0
+    fi
+    ((cap > left)) && cap=$left
+    echo "== $name (at most ${cap}s): $*"
+    local start=$(date +%s)
+    timeout --signal=TERM --kill-after=10 "$cap" "$@" 2>&1 | tee "$out/$name.log"
+    local rc=${PIPESTATUS[0]}
+    echo "$name: exit $rc after $(($(date +%s) - start))s" | tee -a "$out/summary.txt"
+    return "$rc"
+}
+
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv 2>&1
+    python3 -c "import torch, transformers, diffusers; print('torch', torch.__version__, '| transformers', transformers.__version__, '| diffusers', diffusers.__version__)"
+} | tee "$out/environment.log"
+
+if [[ $preset == tiny ]]; then
+    rows=(small:no:0:8)
+    variants=(eager compile)
+    extra=(--backend aot_eager --batch-sizes 2 --forward-batch 2 --steps 5)
+else
+    rows=(unidiffuser-v1:bf16:0:16 unidiffuser-v1:bf16:1:32)
+    variants=(eager graphs compile+graphs compile+graphs+fp8)
+    extra=()
+fi
+
+step sampling 330 python3 benchmarks/sampling.py --preset "$preset" --device "$device" \
+    --repeats 3 --throughput-repeats 1 "${extra[@]}"
+rc=$?
+if ((rc != 0 && rc != 124 && rc != 137)); then
+    step sampling_eager 200 python3 benchmarks/sampling.py --preset "$preset" --device "$device" \
+        --no-compile --no-cuda-graph --repeats 3 --sections e2e forward "${extra[@]}"
+fi
+step tests 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_speed.py tests/test_devices.py
+step variants 150 python3 benchmarks/sampling.py --preset "$preset" --device "$device" --no-diffusers \
+    --sections variants --variants "${variants[@]}" --repeats 3 "${extra[@]}"
+step train 90 python3 benchmarks/train.py --device "$device" --steps 5 --rows "${rows[@]}"
+echo "== summary"
+cat "$out/summary.txt"
