@@ -1,5 +1,6 @@
 """The caption decoder: diffusers parity of the beam search, batching, weights I/O, training loss, bad inputs."""
 
+import copy
 import dataclasses
 import re
 
@@ -175,6 +176,63 @@ def test_batched_generate_equals_one_by_one(sharp, latents, beam_size, max_new_t
     ids, lengths = sharp.beam_search(latents, **kw)
     assert ids.shape[0] == len(latents) and ids.shape[1] <= max_new_tokens
     assert int(lengths.max()) <= max_new_tokens
+
+
+@pytest.fixture
+def fast(sharp):
+    """A copy of ``sharp`` that searches over the fixed-size cache (eager on the CPU)."""
+    return copy.deepcopy(sharp).enable_fast_search()
+
+
+@pytest.mark.parametrize(("beam_size", "max_new_tokens"), [(5, 67), (3, 20), (1, 9), (4, 1)])
+def test_fast_search_equals_the_reference(sharp, fast, latents, beam_size, max_new_tokens):
+    kw = {"beam_size": beam_size, "max_new_tokens": max_new_tokens}
+    ids, lengths = sharp.beam_search(latents, **kw)
+    for part in (latents, latents[:3], latents.flip(0)):  # a plan is reused with fresh state
+        ref_ids, ref_lengths = sharp.beam_search(part, **kw)
+        fast_ids, fast_lengths = fast.beam_search(part, **kw)
+        assert torch.equal(fast_ids, ref_ids) and torch.equal(fast_lengths, ref_lengths)
+    assert len(fast.fast_search._plans) == 2  # batch 8 and batch 3
+    if max_new_tokens == 67:  # searches of different lengths, some ending early: not a trivial case
+        assert len(set(lengths.tolist())) >= 4 and ids.shape[1] == 67
+    assert fast.disable_fast_search().fast_search is None
+    assert fast.generate(latents[:2], **kw) == sharp.generate(latents[:2], **kw)
+
+
+def test_fast_search_stops_where_the_reference_stops(sharp, fast, latents):
+    """Every beam ended early: the returned width is the reference's, not the token budget."""
+    for part in (latents[[0, 4]], latents[[1, 2]]):  # searches of 25 and 50 steps (measured)
+        ref_ids, ref_lengths = sharp.beam_search(part)
+        fast_ids, fast_lengths = fast.beam_search(part)
+        assert ref_ids.shape[1] < 67 and torch.equal(fast_ids, ref_ids)
+        assert torch.equal(fast_lengths, ref_lengths)
+
+
+def test_fast_search_at_gpt2_init_runs_to_the_budget(tiny, latents):
+    """No EOS at GPT-2's init: every caption runs the full 67 tokens (the benchmark's worst case)."""
+    fast = copy.deepcopy(tiny).enable_fast_search()
+    ref_ids, ref_lengths = tiny.beam_search(latents[:2])
+    fast_ids, fast_lengths = fast.beam_search(latents[:2])
+    assert ref_lengths.tolist() == [67, 67] and torch.equal(fast_ids, ref_ids)
+    assert torch.equal(fast_lengths, ref_lengths)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_search_captured_on_cuda(sharp, latents, dtype):
+    ref = copy.deepcopy(sharp).to("cuda", dtype)
+    fast = copy.deepcopy(sharp).to("cuda", dtype).enable_fast_search()
+    for part in (latents, latents.flip(0)):  # the second call replays the captured step
+        ref_ids, ref_lengths = ref.beam_search(part.cuda())
+        fast_ids, fast_lengths = fast.beam_search(part.cuda())
+        same = (fast_ids.shape == ref_ids.shape) and bool(
+            (fast_ids == ref_ids).all(dim=1).float().mean() >= 0.75
+        )
+        assert same if dtype == torch.bfloat16 else torch.equal(fast_ids, ref_ids)
+        if dtype == torch.float32:
+            assert torch.equal(fast_lengths, ref_lengths)
+    assert fast.fast_search.num_graphs == 1
 
 
 def test_generate_runs_without_dropout_and_keeps_the_mode(sharp, latents):

@@ -16,7 +16,7 @@ from conftest import random_inputs
 
 from unidiffuser.components.autoencoder import TINY as TINY_AUTOENCODER
 from unidiffuser.components.autoencoder import ImageAutoencoder
-from unidiffuser.components.caption import _log_probs
+from unidiffuser.components.beam import log_probs
 from unidiffuser.fast import FastNetwork, Fp8Linear, fp8_copy
 from unidiffuser.network import PRESETS, UViT
 from unidiffuser.schedule import NoiseSchedule
@@ -166,13 +166,21 @@ def test_pipeline_fast_sampling_equals_plain_sampling():
     # channels-last decoding: the same pixels up to rounding (a value on a boundary moves by 1)
     difference = np.abs(np.asarray(plain.images[0], dtype=int) - np.asarray(fast.images[0], dtype=int))
     assert difference.max() <= 1
-    captions = pipe.joint(2, steps=3)
+    captions = pipe.joint(2, steps=3, return_latents=True)
     assert len(captions.texts) == 2 and len(captions.images) == 2
-    before = pipe.sampler
+    search = pipe.caption_decoder.fast_search
+    assert search is not None and len(search._plans) == 1  # the captions came from the fixed-cache search
+    assert captions.texts == pipe.caption_decoder.disable_fast_search().generate(captions.latents["text"])
+    pipe.enable_fast_sampling(backend="aot_eager", fast_captions=False)
+    assert pipe.caption_decoder.fast_search is None
+    pipe.enable_fast_sampling(backend="aot_eager")
+    before, search = pipe.sampler, pipe.caption_decoder.fast_search
     pipe.to(dtype=torch.float32)  # a new device or dtype: compiled again from the start
     assert isinstance(pipe.sampler, FastNetwork) and pipe.sampler is not before
+    assert pipe.caption_decoder.fast_search not in (None, search)
     pipe.disable_fast_sampling()
     assert pipe.sampler is pipe.network and pipe.autoencoder.memory_format == torch.contiguous_format
+    assert pipe.caption_decoder.fast_search is None
 
 
 def test_bf16_pipeline_is_close_to_fp32():
@@ -207,7 +215,7 @@ def test_autoencoder_bf16_and_channels_last_decode():
 
 def test_caption_scores_are_fp32_for_a_bf16_decoder():
     logits = torch.randn(4, 386, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-    scores = _log_probs(logits)
+    scores = log_probs(logits)
     assert scores.dtype == torch.float32
     assert torch.equal(scores, logits.float().softmax(-1).log())
 

@@ -125,6 +125,9 @@ class UniDiffuser:
                 fp8=fast.fp8,
                 backend=fast.backend,
             )
+        search = self.caption_decoder.fast_search
+        if search is not None:  # its buffers and graphs belong to the old device and dtype
+            self.caption_decoder.enable_fast_search(cuda_graphs=search.cuda_graphs)
         return self
 
     # -- speed ----------------------------------------------------------------------------------
@@ -136,6 +139,7 @@ class UniDiffuser:
         cuda_graphs: bool = True,
         fp8: bool = False,
         channels_last: bool = True,
+        fast_captions: bool = True,
         backend: str = "inductor",
     ) -> UniDiffuser:
         """Sample through a compiled, graph-captured network (opt-in; see ``fast.FastNetwork``).
@@ -149,6 +153,8 @@ class UniDiffuser:
             cuda_graphs: capture the forward as CUDA graphs (on CUDA devices only).
             fp8: the transformer blocks' linear layers in fp8 (Hopper and Ada GPUs, or the CPU).
             channels_last: the autoencoder in the channels-last layout.
+            fast_captions: the caption beam search over a fixed-size KV cache, one CUDA graph
+                replay per token when ``cuda_graphs`` is on (``CaptionDecoder.enable_fast_search``).
             backend: the ``torch.compile`` backend.
 
         Returns:
@@ -158,12 +164,17 @@ class UniDiffuser:
             self.network, compile=compile, cuda_graphs=cuda_graphs, fp8=fp8, backend=backend
         )
         self.autoencoder.to_channels_last(channels_last)
+        if fast_captions:
+            self.caption_decoder.enable_fast_search(cuda_graphs=cuda_graphs)
+        else:
+            self.caption_decoder.disable_fast_search()
         return self
 
     def disable_fast_sampling(self) -> UniDiffuser:
         """Back to the plain network (the compiled functions and graphs are dropped); returns self."""
         self._fast = None
         self.autoencoder.to_channels_last(False)
+        self.caption_decoder.disable_fast_search()
         return self
 
     @property

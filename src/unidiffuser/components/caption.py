@@ -34,6 +34,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from .beam import FastBeamSearch, advance, first_beams
+
 EOS_TOKEN = "<|EOS|>"
 ENDOFTEXT_TOKEN = "<|endoftext|>"  # GPT-2's own end-of-text token; UniDiffuser ends captions with EOS_TOKEN
 GPT2_REQUIRED = ("n_embd", "n_layer", "n_head", "vocab_size", "n_positions")
@@ -226,13 +228,6 @@ def _check_sequence(x: Any, name: str, width: int) -> None:
         )
 
 
-def _log_probs(logits: Tensor) -> Tensor:
-    # Softmax then log, as the released search does (not log_softmax): the same scores bit for bit,
-    # so that ties and near-ties resolve the same way. In fp32 whatever the model's dtype: scores
-    # summed over 67 tokens in bf16 would keep 2 to 3 significant digits.
-    return logits.float().softmax(dim=-1).log()
-
-
 # ---------------------------------------------------------------------------------------------
 # Model
 
@@ -272,6 +267,7 @@ class CaptionDecoder(nn.Module):
         self.encode_prefix = nn.Linear(config.feature_dim, config.prefix_dim)
         self.decode_prefix = nn.Linear(config.prefix_dim, config.n_embd)
         self.gpt = GPT2LMHeadModel(GPT2Config(**gpt2))
+        self._fast_search: FastBeamSearch | None = None  # see enable_fast_search
 
     @classmethod
     def random(
@@ -409,68 +405,51 @@ class CaptionDecoder(nn.Module):
             raise ValueError(f"beam_size={beam_size!r} must be an int in [1, {vocab}] (the vocabulary)")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1")
-        batch, length = latents.shape[:2]
+        length = latents.shape[1]
         # The last token is chosen from position L + max_new_tokens - 2 and never fed back.
         if length + max_new_tokens - 1 > self.config.n_positions:
             raise ValueError(
                 f"latents length {length} + max_new_tokens={max_new_tokens} - 1 exceeds GPT-2's "
                 f"n_positions={self.config.n_positions}; lower max_new_tokens"
             )
-        k = beam_size
         weight = self.decode_prefix.weight
-        wte = self.gpt.transformer.wte
         with _eval_mode(self):
-            # Step 1: the prefix alone, once per sample; its cache is then copied to the k beams.
             latents = latents.to(device=weight.device, dtype=weight.dtype)
             prefix = self.decode_prefix(latents)  # (B, L, n_embd)
+            if self._fast_search is not None:
+                return self._fast_search(prefix, beam_size, max_new_tokens)
+            # Step 1: the prefix alone, once per sample; its cache is then copied to the k beams.
             cache = DynamicCache(config=self.gpt.config)  # filled in place by every call below
             out = self.gpt(inputs_embeds=prefix, use_cache=True, logits_to_keep=1, **{_CACHE_ARG: cache})
-            scores, next_tokens = _log_probs(out.logits[:, -1]).topk(k, dim=-1)  # (B, k), (B, k)
-            tokens = next_tokens[..., None]  # (B, k, 1)
-            lengths = torch.ones(batch, k, dtype=torch.int32, device=weight.device)  # (B, k)
-            stopped = next_tokens == self.eos_token_id  # (B, k)
-            finished = stopped.all(dim=-1)  # (B,)
-            cache.batch_repeat_interleave(k)
-            first_row = torch.arange(batch, device=weight.device)[:, None] * k  # (B, 1)
-            same_beam = torch.arange(k, device=weight.device).expand(batch, k)  # (B, k)
-
+            beams = first_beams(out.logits[:, -1], beam_size, self.eos_token_id, max_new_tokens)
+            cache.batch_repeat_interleave(beam_size)
+            wte = self.gpt.transformer.wte
             for _ in range(max_new_tokens - 1):
-                if finished.all():
+                if beams.finished.all():
                     break
-                embeds = wte(next_tokens).reshape(batch * k, 1, -1)  # (B*k, 1, n_embd)
+                embeds = wte(beams.last).reshape(-1, 1, wte.embedding_dim)  # (B*k, 1, n_embd)
                 out = self.gpt(inputs_embeds=embeds, use_cache=True, **{_CACHE_ARG: cache})
-                logp = _log_probs(out.logits[:, -1]).reshape(batch, k, vocab)  # (B, k, V)
-                # A stopped beam continues only with token 0, at no cost.
-                logp = logp.masked_fill(stopped[..., None], float("-inf"))
-                logp[..., 0] = logp[..., 0].masked_fill(stopped, 0.0)
-                total = scores[..., None] + logp  # (B, k, V) summed log-probabilities
-                grown = lengths + (~stopped).to(lengths.dtype)  # (B, k) tokens per beam after this step
-                mean = total / grown[..., None]  # (B, k, V)
-                best_mean, flat = mean.reshape(batch, k * vocab).topk(k, dim=-1)  # (B, k)
-                source = torch.div(flat, vocab, rounding_mode="floor")  # (B, k) beam each candidate extends
-                token = flat % vocab  # (B, k)
-                new_lengths = grown.gather(1, source)  # (B, k)
-                # Back from the mean to the sum, as the released code does (the same rounding).
-                new_scores = best_mean * new_lengths  # (B, k)
-                new_stopped = stopped.gather(1, source) | (token == self.eos_token_id)  # (B, k)
+                cache.reorder_cache(advance(beams, out.logits[:, -1], self.eos_token_id))
+        return beams.best()
 
-                # Finished samples keep their beams untouched: the released search has stopped
-                # there, and another round of mean * length would shift their scores by rounding.
-                keep = finished[:, None]  # (B, 1)
-                source = torch.where(keep, same_beam, source)
-                token = torch.where(keep, torch.zeros_like(token), token)
-                scores = torch.where(keep, scores, new_scores)
-                lengths = torch.where(keep, lengths, new_lengths)
-                stopped = torch.where(keep, stopped, new_stopped)
-                history = tokens.gather(1, source[..., None].expand_as(tokens))  # (B, k, t)
-                tokens = torch.cat([history, token[..., None]], dim=-1)  # (B, k, t + 1)
-                cache.reorder_cache((first_row + source).reshape(-1))
-                next_tokens = token
-                finished = stopped.all(dim=-1)
+    def enable_fast_search(self, *, cuda_graphs: bool = True) -> CaptionDecoder:
+        """Search over a fixed-size KV cache, each step one CUDA graph replay on CUDA (opt-in).
 
-        best = (scores / lengths).argsort(dim=-1, descending=True)[:, 0]  # (B,)
-        rows = torch.arange(batch, device=best.device)
-        return tokens[rows, best], lengths[rows, best].long()  # (B, T), (B,)
+        See ``components.beam.FastBeamSearch``: the same captions up to the rounding of another
+        attention kernel; the first caption of each batch size captures its graph. Returns self.
+        """
+        self._fast_search = FastBeamSearch(self.gpt, self.eos_token_id, cuda_graphs=cuda_graphs)
+        return self
+
+    @property
+    def fast_search(self) -> FastBeamSearch | None:
+        """The fixed-cache search after ``enable_fast_search``, else None."""
+        return self._fast_search
+
+    def disable_fast_search(self) -> CaptionDecoder:
+        """Back to transformers' GPT-2 forward over its growing cache; returns self."""
+        self._fast_search = None
+        return self
 
     def generate(self, latents: Tensor, *, beam_size: int = 5, max_new_tokens: int = 67) -> list[str]:
         """Text latents (B, L, prefix_dim) -> one caption per sample, by :meth:`beam_search`.
