@@ -8,13 +8,15 @@
 # may fail without stopping the next one; OUT_DIR/summary.txt lists each step's exit status
 # (124: stopped at its time limit). The steps:
 #
-#   sampling   benchmarks/sampling.py at the released size against diffusers: end to end,
-#              throughput, network forward against the measured matmul rate, accuracy against
-#              eager fp32. If it fails before its limit, it runs again uncompiled, eager.
-#   tests      pytest -m gpu (the compiled, CUDA-graph and fp8 paths against the eager network)
-#   variants   our text-to-image at batch 1 per fast-path variant (no diffusers)
+#   sampling   benchmarks/sampling.py at the released size against diffusers: end to end, our
+#              time by stage, throughput, network forward against the measured matmul rate,
+#              accuracy against eager fp32 (SECTIONS="..." picks others). If it fails before its
+#              limit, it runs again uncompiled, eager.
+#   tests      pytest -m gpu (the compiled, CUDA-graph and fp8 paths against the eager network,
+#              the captured caption search against the reference search)
 #   train      benchmarks/train.py: the released size in bf16 at batch 16, and at batch 32 with
-#              gradient checkpointing
+#              gradient checkpointing, each with and without compiled blocks
+#   variants   our text-to-image at batch 1 per fast-path variant (no diffusers)
 #
 # PRESET=tiny DEVICE=cpu runs the same steps on the CPU with the tiny components (a smoke test of
 # this script; its figures mean nothing).
@@ -50,25 +52,27 @@ step() {  # step NAME CAP_SECONDS COMMAND...: run COMMAND for at most CAP second
 } | tee "$out/environment.log"
 
 if [[ $preset == tiny ]]; then
-    rows=(small:no:0:8)
+    rows=(small:no:0:8 small:no:0:8:1)
     variants=(eager compile)
     extra=(--backend aot_eager --batch-sizes 2 --forward-batch 2 --steps 5)
 else
-    rows=(unidiffuser-v1:bf16:0:16 unidiffuser-v1:bf16:1:32)
-    variants=(eager graphs compile+graphs compile+graphs+fp8)
+    rows=(unidiffuser-v1:bf16:0:16 unidiffuser-v1:bf16:0:16:1 unidiffuser-v1:bf16:1:32 unidiffuser-v1:bf16:1:32:1)
+    variants=(graphs compile+graphs graphs+fp8 compile+graphs+fp8)
     extra=()
 fi
+sections=(${SECTIONS:-e2e stages throughput forward accuracy})
 
 step sampling 330 python3 benchmarks/sampling.py --preset "$preset" --device "$device" \
-    --repeats 3 --throughput-repeats 1 "${extra[@]}"
+    --repeats 3 --throughput-repeats 1 --sections "${sections[@]}" "${extra[@]}"
 rc=$?
 if ((rc != 0 && rc != 124 && rc != 137)); then
     step sampling_eager 200 python3 benchmarks/sampling.py --preset "$preset" --device "$device" \
-        --no-compile --no-cuda-graph --repeats 3 --sections e2e forward "${extra[@]}"
+        --no-compile --no-cuda-graph --repeats 3 --sections e2e stages forward "${extra[@]}"
 fi
-step tests 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_speed.py tests/test_devices.py
+step tests 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_speed.py tests/test_devices.py \
+    tests/test_caption_decoder.py
+step train 200 python3 benchmarks/train.py --device "$device" --steps 5 --warmup 2 --rows "${rows[@]}"
 step variants 150 python3 benchmarks/sampling.py --preset "$preset" --device "$device" --no-diffusers \
-    --sections variants --variants "${variants[@]}" --repeats 3 "${extra[@]}"
-step train 90 python3 benchmarks/train.py --device "$device" --steps 5 --rows "${rows[@]}"
+    --sections variants --variants "${variants[@]}" --repeats 5 "${extra[@]}"
 echo "== summary"
 cat "$out/summary.txt"

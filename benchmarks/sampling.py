@@ -12,6 +12,9 @@ Sections (``--sections``):
 - e2e: at batch 1, text-to-image (prompt encoding, 50 guided network evaluations, VAE decode to
   PIL), joint (image and caption, guided) and image-to-text (image encoding, guided sampling,
   caption beam search); the time ratio diffusers / ours.
+- stages: where our batch-1 calls spend their time: encoding, the network calls, the rest of the
+  sampling loop (the solver's arithmetic), image decoding and the caption search, each timed with
+  the GPU synchronised around it (so the parts add up to a little more than the e2e time).
 - throughput: text-to-image at ``--batch-sizes``, images per second.
 - forward: the network alone at ``--forward-batch``; on CUDA also the share of this device's bf16
   matrix-multiply rate, measured here on an 8192^3 product.
@@ -81,8 +84,8 @@ from unidiffuser.network import PRESETS, UViT, UViTConfig
 from unidiffuser.official import to_diffusers_keys
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-SECTIONS = ("e2e", "throughput", "forward", "accuracy", "variants")
-VARIANTS = ("eager", "graphs", "compile", "compile+graphs", "compile+graphs+fp8", "fp8")
+SECTIONS = ("e2e", "stages", "throughput", "forward", "accuracy", "variants")
+VARIANTS = ("eager", "graphs", "compile", "compile+graphs", "graphs+fp8", "compile+graphs+fp8", "fp8")
 PROMPT = "a red bicycle leaning against a blue wall"
 GUIDANCE = 7.0  # ours: (1 + s) cond - s uncond; diffusers' guidance_scale is s + 1
 
@@ -111,7 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--throughput-repeats", type=int, default=2, help="timed calls per throughput row")
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[8, 32], help="throughput batches")
     parser.add_argument("--forward-batch", type=int, default=8, help="batch of the forward section")
-    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS[:4]))
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS[:5]))
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["eager", "compile+graphs"])
     parser.add_argument("--no-diffusers", action="store_true", help="time our pipeline alone")
     parser.add_argument("--seed", type=int, default=0)
@@ -344,6 +347,61 @@ def quiet_libraries() -> None:
     diffusers.logging.set_verbosity_error()
 
 
+STAGES = ("encode", "network", "solver", "decode image", "caption", "other", "total")
+# the pipeline's methods that make up a call, by stage
+STAGE_METHODS = {"encode_prompts": "encode", "encode_images": "encode", "decode_images": "decode image",
+                 "decode_texts": "caption"}  # fmt: skip
+
+
+class _Timed:
+    """Calls ``target``, adding its synchronised wall time to ``totals[stage]``; other attributes pass through."""
+
+    def __init__(self, target, stage: str, totals: dict[str, float], device: torch.device):
+        self._target, self._stage, self._totals, self._device = target, stage, totals, device
+
+    def __call__(self, *args, **kwargs):
+        synchronize(self._device)
+        start = time.perf_counter()
+        try:
+            return self._target(*args, **kwargs)
+        finally:
+            synchronize(self._device)
+            self._totals[self._stage] = self._totals.get(self._stage, 0.0) + time.perf_counter() - start
+
+    def __getattr__(self, name):
+        return getattr(self._target, name)
+
+
+def stage_times(pipe: UniDiffuser, call: Callable[[], object], device: torch.device, repeats: int) -> dict:
+    """Median seconds per stage of ``call`` (warm): the pipeline's parts wrapped in synchronised timers.
+
+    "solver" is the sampling loop less its network calls; "other" is the call less every stage.
+    """
+    import unidiffuser.pipeline as pipeline_module
+
+    runs = []
+    generate = pipeline_module.generate
+    for i in range(repeats + 1):
+        totals: dict[str, float] = {}
+        saved_fast = pipe._fast
+        pipe._fast = _Timed(pipe.sampler, "network", totals, device)
+        for method, stage in STAGE_METHODS.items():
+            setattr(pipe, method, _Timed(getattr(pipe, method), stage, totals, device))
+        pipeline_module.generate = _Timed(generate, "sampling", totals, device)
+        try:
+            _Timed(call, "total", totals, device)()
+        finally:
+            pipe._fast = saved_fast
+            for method in STAGE_METHODS:
+                delattr(pipe, method)  # the class's method again
+            pipeline_module.generate = generate
+        totals["solver"] = totals.pop("sampling", 0.0) - totals.get("network", 0.0)
+        totals["other"] = totals["total"] - sum(v for k, v in totals.items() if k != "total")
+        if i:  # the first call is a warm-up
+            runs.append(totals)
+    return {stage: statistics.median(run.get(stage, 0.0) for run in runs) for stage in STAGES}
+
+
 # -- the sections -------------------------------------------------------------------------------
 
 
@@ -431,6 +489,14 @@ def main(argv: list[str] | None = None) -> None:
         header = ("task", "batch", "diffusers s", "ours s", "diffusers / ours", "ours first s",
                   "diffusers peak MiB", "ours peak MiB")  # fmt: skip
         print(table(header, rows), flush=True)
+
+    if "stages" in args.sections:
+        rows = []
+        for task in ("t2i", "joint", "i2t"):
+            parts = stage_times(ours, our_call(task, 1), device, args.repeats)
+            rows.append((task, 1, *(f"{1e3 * parts.get(name, 0.0):.1f}" for name in STAGES)))
+        print("\nOurs by stage (milliseconds per call, median of warm calls, synchronised per stage)\n")
+        print(table(("task", "batch", *STAGES), rows), flush=True)
 
     if "throughput" in args.sections:
         rows = []

@@ -12,9 +12,10 @@ forward once, backward twice. Recomputation under gradient checkpointing is not 
 a checkpointed row shows the useful rate. The optimizer, EMA and data work are not counted either.
 
 Defaults: on CPU the ``small`` preset in fp32 at batch 8, with and without gradient checkpointing;
-on CUDA the small preset in bf16 and
-``unidiffuser-v1`` at 512x512 (latents 4x64x64, 1105 tokens) in bf16 autocast, with and without
-gradient checkpointing. Rows that run out of GPU memory say so.
+on CUDA the small preset in bf16 and ``unidiffuser-v1`` at 512x512 (latents 4x64x64, 1105 tokens)
+in bf16 autocast at batch 16, and at batch 32 with gradient checkpointing, each with and without
+compiled blocks (``train --compile``; the warm-up steps pay the compilation). Rows that run out of
+GPU memory say so.
 
     python benchmarks/train.py
     python benchmarks/train.py --device cuda --steps 10
@@ -47,13 +48,14 @@ from unidiffuser.schedule import NoiseSchedule
 from unidiffuser.training.config import TrainConfig
 from unidiffuser.training.data import sample_latent
 
-# (preset, precision, gradient checkpointing, batch)
-CPU_ROWS = (("small", "no", False, 8), ("small", "no", True, 8))
+# (preset, precision, gradient checkpointing, batch, compiled blocks)
+CPU_ROWS = (("small", "no", False, 8, False), ("small", "no", True, 8, False))
 CUDA_ROWS = (
-    ("small", "bf16", False, 32),
-    ("unidiffuser-v1", "bf16", False, 8),
-    ("unidiffuser-v1", "bf16", True, 8),
-    ("unidiffuser-v1", "bf16", True, 32),
+    ("small", "bf16", False, 32, False),
+    ("unidiffuser-v1", "bf16", False, 16, False),
+    ("unidiffuser-v1", "bf16", False, 16, True),
+    ("unidiffuser-v1", "bf16", True, 32, False),
+    ("unidiffuser-v1", "bf16", True, 32, True),
 )
 AUTOCAST = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -68,8 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--rows",
         nargs="+",
-        metavar="PRESET:PRECISION:CKPT:BATCH",
-        help="rows to run, e.g. small:no:0:8 unidiffuser-v1:bf16:1:16 (default: see above)",
+        metavar="PRESET:PRECISION:CKPT:BATCH[:COMPILE]",
+        help="rows to run, e.g. small:no:0:8 unidiffuser-v1:bf16:1:16:1 (default: see above)",
     )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -78,13 +80,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def parse_row(text: str) -> tuple[str, str, bool, int]:
-    preset, precision, ckpt, batch = text.split(":")
-    if preset not in PRESETS or precision not in AUTOCAST:
+def parse_row(text: str) -> tuple[str, str, bool, int, bool]:
+    parts = text.split(":")
+    if (
+        len(parts) not in (4, 5)
+        or parts[0] not in PRESETS
+        or parts[1] not in AUTOCAST
+        or not parts[3].isdigit()
+    ):
         raise SystemExit(
-            f"--rows {text}: preset one of {sorted(PRESETS)}, precision one of {sorted(AUTOCAST)}"
+            f"--rows {text}: expected PRESET:PRECISION:CKPT:BATCH[:COMPILE] with the preset one of "
+            f"{sorted(PRESETS)} and the precision one of {sorted(AUTOCAST)}, e.g. small:no:0:8"
         )
-    return preset, precision, ckpt in ("1", "true", "on"), int(batch)
+    on = ("1", "true", "on")
+    compiled = len(parts) == 5 and parts[4] in on
+    return parts[0], parts[1], parts[2] in on, int(parts[3]), compiled
 
 
 def feature_batch(config: UViTConfig, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -103,11 +113,13 @@ def feature_batch(config: UViTConfig, batch: int, generator: torch.Generator) ->
 
 
 def run_row(
-    preset: str, precision: str, checkpointing: bool, batch: int, device: torch.device, args
+    preset: str, precision: str, checkpointing: bool, batch: int, compiled: bool, device: torch.device, args
 ) -> tuple[float, float]:
     """Median step seconds and peak GiB (0 on CPU) of one row."""
     config = PRESETS[preset]
-    train_config = TrainConfig(model=preset, mixed_precision=precision, gradient_checkpointing=checkpointing)
+    train_config = TrainConfig(
+        model=preset, mixed_precision=precision, gradient_checkpointing=checkpointing, compile=compiled
+    )
     with device:  # initialising a 1B-parameter model on the CPU is slow
         model = build_model(train_config, config)
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -155,6 +167,7 @@ COLUMNS = (
     "preset",
     "precision",
     "grad ckpt",
+    "compile",
     "batch",
     "tokens",
     "step ms",
@@ -162,12 +175,12 @@ COLUMNS = (
     "TFLOP/s",
     "peak GiB",
 )
-WIDTHS = (15, 9, 9, 5, 6, 9, 9, 8, 8)
+WIDTHS = (15, 9, 9, 7, 5, 6, 9, 9, 8, 8)
 
 
 def format_row(cells: tuple) -> str:
     return "  ".join(
-        f"{c:<{w}}" if i < 3 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cells, WIDTHS, strict=True))
+        f"{c:<{w}}" if i < 4 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cells, WIDTHS, strict=True))
     )
 
 
@@ -187,12 +200,12 @@ def main(argv: list[str] | None = None) -> None:
     line = format_row(COLUMNS)
     print(line)
     print("-" * len(line), flush=True)
-    for preset, precision, checkpointing, batch in rows:
+    for preset, precision, checkpointing, batch, compiled in rows:
         config = PRESETS[preset]
-        cells = (preset, "fp32" if precision == "no" else precision, "on" if checkpointing else "off", batch)
-        cells += (config.num_tokens,)
+        cells = (preset, "fp32" if precision == "no" else precision, "on" if checkpointing else "off")
+        cells += ("on" if compiled else "off", batch, config.num_tokens)
         try:
-            seconds, peak = run_row(preset, precision, checkpointing, batch, device, args)
+            seconds, peak = run_row(preset, precision, checkpointing, batch, compiled, device, args)
         except torch.OutOfMemoryError:
             print(format_row((*cells, "OOM", "-", "-", "-")), flush=True)
             continue

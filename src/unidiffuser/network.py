@@ -321,6 +321,7 @@ class UViT(nn.Module):
         self.config = config
         d = config.width
         self.gradient_checkpointing = False
+        self._block_fn: Callable[[Block, Tensor, Tensor | None], Tensor] = _call_block  # see compile_blocks
         # Checks of values (NaN, timestep range) synchronise a GPU; fast samplers may turn them off.
         self.check_values = True
 
@@ -515,10 +516,23 @@ class UViT(nn.Module):
                 start += m.num_tokens
         return out
 
+    def compile_blocks(self, backend: str = "inductor") -> UViT:
+        """Run every transformer block through ``torch.compile`` (training too; checkpointing kept).
+
+        Blocks of a kind share one compilation per input shape; the weights and the state dict are
+        unchanged. Returns self.
+        """
+        self._block_fn = torch.compile(_call_block, backend=backend)
+        return self
+
     def _run(self, blk: Block, x: Tensor, skip: Tensor | None = None) -> Tensor:
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(blk, x, skip, use_reentrant=False)
-        return blk(x, skip)
+            return checkpoint(self._block_fn, blk, x, skip, use_reentrant=False)
+        return self._block_fn(blk, x, skip)
+
+
+def _call_block(block: Block, x: Tensor, skip: Tensor | None) -> Tensor:
+    return block(x, skip)
 
 
 # ---------------------------------------------------------------------------------------------

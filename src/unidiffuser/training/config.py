@@ -76,6 +76,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
+    compile: bool = False
     weighting: str = "modality"
     loss_weights: Mapping[str, float] = field(default_factory=dict)
     checkpoint_every: int = 1000
@@ -246,6 +247,7 @@ FIELD_HELP: dict[str, str] = {
     "grad_clip": "clip the global gradient norm to this; 0 turns clipping off",
     "mixed_precision": f"autocast precision, one of {', '.join(MIXED_PRECISION)}",
     "gradient_checkpointing": "recompute block activations in the backward pass to save memory",
+    "compile": "torch.compile each transformer block (inductor; the first steps pay the compilation)",
     "weighting": f"loss weighting between modalities, one of {', '.join(WEIGHTINGS)}",
     "loss_weights": "extra loss factor per diffused modality, NAME=WEIGHT",
     "checkpoint_every": "save a checkpoint every this many steps (and at the last step)",

@@ -113,6 +113,8 @@ def build_model(config: TrainConfig, model_config: UViTConfig) -> UViT:
     torch.manual_seed(config.seed)
     model = UViT(model_config)
     model.gradient_checkpointing = config.gradient_checkpointing
+    if config.compile:
+        model.compile_blocks()
     # The data stream already drops non-finite examples; the network's own value checks would
     # synchronise the GPU on every forward. A diverging loss is caught at each log step instead.
     model.check_values = False
