@@ -356,6 +356,21 @@ def test_decoder_resume_continues_from_the_saved_step(model_dir, captions_file, 
         torch.testing.assert_close(resumed.decoder.state_dict()[k], v, rtol=0, atol=1e-6, msg=k)
 
 
+def test_decoder_resume_follows_a_new_lr_and_warmup(model_dir, captions_file, tmp_path):
+    """Resumed with another lr and warm-up, the decoder trains at the new schedule from its first step."""
+    cfg = decoder_config(tmp_path, captions_file, init_from=str(model_dir), steps=2, lr=1e-2,
+                         warmup_steps=0, checkpoint_every=2, log_every=1, batch_size=3)  # fmt: skip
+    train_decoder(cfg)
+    train_decoder(
+        DecoderTrainConfig(**{**cfg.to_dict(), "steps": 4, "lr": 2e-3, "warmup_steps": 8, "resume": True})
+    )
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+    logged = {r["step"]: r["lr"] for r in map(json.loads, lines) if "lr" in r}
+    # logged after step k (from 1): the rate of the next step, lr * min(1, (k + 1) / warmup_steps)
+    assert logged[2] == pytest.approx(1e-2)
+    assert logged[3] == pytest.approx(2e-3 * 4 / 8) and logged[4] == pytest.approx(2e-3 * 5 / 8)
+
+
 def test_decoder_from_pretrained_gpt2_on_precomputed_features(model_dir, tmp_path, capsys):
     from transformers import GPT2Config, GPT2LMHeadModel
 

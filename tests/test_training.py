@@ -273,6 +273,18 @@ def test_resume_with_a_new_decay_follows_the_new_schedule_from_the_first_step(tm
         assert_same_weights(weights(resumed.checkpoint, which), weights(straight.checkpoint, which))
 
 
+def test_resume_with_a_new_lr_trains_at_the_new_rate(tmp_path):
+    """2 steps at lr 1e-3, resumed with lr 4e-4: steps 3 and 4 train (and log) at 4e-4, and the
+    checkpoint's optimizer holds it, not the rate the checkpoint was written with."""
+    config = toy_config(tmp_path, warmup_steps=0, lr=1e-3)
+    train(replace(config, steps=2))
+    resumed = train(replace(config, lr=4e-4, resume=True))
+    logged = {r["step"]: r["lr"] for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines())}
+    assert logged[2] == pytest.approx(1e-3) and logged[3] == logged[4] == pytest.approx(4e-4)
+    groups = load_training_state(resumed.checkpoint)["optimizer"]["param_groups"]
+    assert [g["lr"] for g in groups] == pytest.approx([4e-4] * len(groups))
+
+
 def test_ema_follows_its_closed_form(tmp_path):
     """ema_k = d * ema_{k-1} + (1 - d) * w_k, checked on the saved raw and EMA weights."""
     d = 0.5

@@ -65,7 +65,7 @@ from .checkpoint import (
 )
 from .config import DecoderTrainConfig
 from .data import derive_seed, read_shard_metadata, write_feature_shard
-from .trainer import RunLog, _write_text, parameter_groups, warmup_factor
+from .trainer import RunLog, _write_text, parameter_groups, restore_schedule, warmup_factor
 
 DECODER_FORMAT = "unidiffuser.decoder-checkpoint"
 TEXT = "text"  # the shard tensor of text features (data.py's feature shards, extract.py)
@@ -477,7 +477,7 @@ def train_decoder(config: DecoderTrainConfig) -> DecoderTrainResult:
     if start is not None:
         training = load_training_state(start)
         optimizer.load_state_dict(training["optimizer"])
-        scheduler.load_state_dict(training["scheduler"])
+        restore_schedule(optimizer, scheduler, training["scheduler"], config.lr)
         step = start.step
         log.note(f"resumed from {start.path} at step {step}")
     n_params = sum(p.numel() for p in decoder.parameters())

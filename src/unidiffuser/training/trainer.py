@@ -156,6 +156,24 @@ def lr_factor(step: int, warmup_steps: int, decay_steps: int, steps: int) -> flo
     return warmup_factor(step, warmup_steps) * max(decay, 0.0)
 
 
+def restore_schedule(
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, state: dict, lr: float
+) -> None:
+    """Resume a schedule: the checkpoint's position on this run's learning rate and schedule.
+
+    The checkpoint gives the step reached (``state`` is the scheduler's state dict); the rate,
+    warm-up, decay and step count are the resumed run's own, so a changed ``lr``, ``warmup_steps``,
+    ``decay_steps`` or ``steps`` applies from the first resumed step. The optimizer's state must be
+    loaded first (it carries the checkpoint's rates, which this replaces).
+    """
+    scheduler.load_state_dict(state)
+    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
 def build_optimizer(
     model: nn.Module, config: TrainConfig, device: torch.device | str = "cpu"
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
@@ -561,12 +579,7 @@ def train(config: TrainConfig) -> TrainResult:
             load_full_optimizer_state(optimizer, training["optimizer"])
         else:
             optimizer.load_state_dict(training["optimizer"])
-        scheduler.load_state_dict(training["scheduler"])
-        # the schedule is this run's (steps or decay_steps may have changed), the position the checkpoint's
-        for group, base, factor in zip(
-            optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
-        ):
-            group["lr"] = base * factor(scheduler.last_epoch)
+        restore_schedule(optimizer, scheduler, training["scheduler"], config.lr)
         if accelerator.scaler is not None and training.get("scaler"):
             accelerator.scaler.load_state_dict(training["scaler"])
         cursor, exact = resume_cursor(training["data"]["cursors"], rank, world)
