@@ -168,12 +168,13 @@ def test_pipeline_fast_sampling_equals_plain_sampling():
     assert difference.max() <= 1
     captions = pipe.joint(2, steps=3, return_latents=True)
     assert len(captions.texts) == 2 and len(captions.images) == 2
+    assert pipe.caption_decoder.fast_search is None  # automatic: only where CUDA graphs run
+    pipe.enable_fast_sampling(backend="aot_eager", fast_captions=True)
+    fixed = pipe.joint(2, steps=3, return_latents=True)
     search = pipe.caption_decoder.fast_search
     assert search is not None and len(search._plans) == 1  # the captions came from the fixed-cache search
-    assert captions.texts == pipe.caption_decoder.disable_fast_search().generate(captions.latents["text"])
-    pipe.enable_fast_sampling(backend="aot_eager", fast_captions=False)
-    assert pipe.caption_decoder.fast_search is None
-    pipe.enable_fast_sampling(backend="aot_eager")
+    assert fixed.texts == pipe.caption_decoder.disable_fast_search().generate(fixed.latents["text"])
+    pipe.enable_fast_sampling(backend="aot_eager", fast_captions=True)
     before, search = pipe.sampler, pipe.caption_decoder.fast_search
     pipe.to(dtype=torch.float32)  # a new device or dtype: compiled again from the start
     assert isinstance(pipe.sampler, FastNetwork) and pipe.sampler is not before
@@ -290,6 +291,7 @@ def test_fp8_on_cuda():
 def test_fast_pipeline_on_cuda_matches_cpu():
     cpu = tiny_pipeline(seed=0)
     gpu = tiny_pipeline(seed=0).to("cuda").enable_fast_sampling()
+    assert gpu.caption_decoder.fast_search is not None  # on by default where CUDA graphs run
     for _ in range(2):  # the first call captures, the second replays
         a = cpu.text_to_image("a red circle", steps=5, return_latents=True)
         b = gpu.text_to_image("a red circle", steps=5, return_latents=True)

@@ -89,6 +89,7 @@ class UniDiffuser:
         self.downsample = autoencoder.config.downsample  # 8 for KL-f8
         self.patch_pixels = img.patch_size * self.downsample  # sizes must be multiples of this
         self._fast: FastNetwork | None = None
+        self._fast_captions: bool | None = None  # enable_fast_sampling's choice; None: automatic
 
     # -- loading --------------------------------------------------------------------------------
 
@@ -125,9 +126,7 @@ class UniDiffuser:
                 fp8=fast.fp8,
                 backend=fast.backend,
             )
-        search = self.caption_decoder.fast_search
-        if search is not None:  # its buffers and graphs belong to the old device and dtype
-            self.caption_decoder.enable_fast_search(cuda_graphs=search.cuda_graphs)
+        self._set_fast_captions()  # the search's buffers and graphs belong to the old device and dtype
         return self
 
     # -- speed ----------------------------------------------------------------------------------
@@ -139,7 +138,7 @@ class UniDiffuser:
         cuda_graphs: bool = True,
         fp8: bool = False,
         channels_last: bool = True,
-        fast_captions: bool = True,
+        fast_captions: bool | None = None,
         backend: str = "inductor",
     ) -> UniDiffuser:
         """Sample through a compiled, graph-captured network (opt-in; see ``fast.FastNetwork``).
@@ -154,7 +153,8 @@ class UniDiffuser:
             fp8: the transformer blocks' linear layers in fp8 (Hopper and Ada GPUs, or the CPU).
             channels_last: the autoencoder in the channels-last layout.
             fast_captions: the caption beam search over a fixed-size KV cache, one CUDA graph
-                replay per token when ``cuda_graphs`` is on (``CaptionDecoder.enable_fast_search``).
+                replay per token (``CaptionDecoder.enable_fast_search``). None (the default): on
+                where CUDA graphs run, since on the CPU it saves nothing over the growing cache.
             backend: the ``torch.compile`` backend.
 
         Returns:
@@ -164,18 +164,26 @@ class UniDiffuser:
             self.network, compile=compile, cuda_graphs=cuda_graphs, fp8=fp8, backend=backend
         )
         self.autoencoder.to_channels_last(channels_last)
-        if fast_captions:
-            self.caption_decoder.enable_fast_search(cuda_graphs=cuda_graphs)
-        else:
-            self.caption_decoder.disable_fast_search()
+        self._fast_captions = fast_captions
+        self._set_fast_captions()
         return self
 
     def disable_fast_sampling(self) -> UniDiffuser:
         """Back to the plain network (the compiled functions and graphs are dropped); returns self."""
         self._fast = None
         self.autoencoder.to_channels_last(False)
-        self.caption_decoder.disable_fast_search()
+        self._set_fast_captions()
         return self
+
+    def _set_fast_captions(self) -> None:
+        """The caption search that goes with the sampling path (see ``enable_fast_sampling``)."""
+        fast = self._fast
+        graphs = fast is not None and fast.cuda_graphs and self.device.type == "cuda"
+        wanted = graphs if self._fast_captions is None else self._fast_captions
+        if fast is not None and wanted:
+            self.caption_decoder.enable_fast_search(cuda_graphs=fast.cuda_graphs)
+        else:
+            self.caption_decoder.disable_fast_search()
 
     @property
     def sampler(self) -> UViT | FastNetwork:

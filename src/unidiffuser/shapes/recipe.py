@@ -60,11 +60,11 @@ class Recipe:
     uvit_width: int = 192
     uvit_depth: int = 8
     uvit_heads: int = 4
-    uvit_steps: int = 25_000
+    uvit_steps: int = 35_000
     uvit_batch: int = 64
     uvit_lr: float = 3e-4
     uvit_warmup: int = 200
-    uvit_decay: int = 5000  # the last steps lower the learning rate linearly to 0
+    uvit_decay: int = 15_000  # the last steps lower the learning rate linearly to 0
     ema_decay: float = 0.999
     checkpoint_every: int = 500
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
