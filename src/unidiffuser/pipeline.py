@@ -126,7 +126,7 @@ class UniDiffuser:
                 fp8=fast.fp8,
                 backend=fast.backend,
             )
-        self._set_fast_captions()  # the search's buffers and graphs belong to the old device and dtype
+            self._set_fast_captions()  # the search's buffers and graphs belong to the old device and dtype
         return self
 
     # -- speed ----------------------------------------------------------------------------------
