@@ -42,6 +42,16 @@ def test_a_rerun_skips_finished_stages(smoke_run):
     assert lines == [f"[{s}] done already" for s in STAGES]
 
 
+def test_the_command_says_what_it_made(smoke_run, capsys):
+    from unidiffuser.cli import main
+
+    out, model, _ = smoke_run
+    assert main(["recipe", "shapes", "--out", str(out), "--smoke", "--threads", "1", "--stage", "uvit"]) == 0
+    assert capsys.readouterr().out.startswith("stages uvit done (")  # not "wrote": no model was written
+    assert main(["recipe", "shapes", "--out", str(out), "--smoke", "--threads", "1"]) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {model} (")
+
+
 def test_other_options_are_refused(smoke_run):
     out, _, _ = smoke_run
     with pytest.raises(ValueError, match=r"other options \(uvit_steps\)"):

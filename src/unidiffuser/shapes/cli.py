@@ -24,9 +24,12 @@ def cmd_recipe(args: argparse.Namespace) -> int:
         model = run_recipe(args.out, recipe, log=lambda text: print(text, file=sys.stderr), only=args.stage)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"unidiffuser recipe: {err}") from None
-    print(
-        f"wrote {model} ({time.perf_counter() - start:.0f} s this run; stage times in {args.out}/recipe.json)"
+    done = (
+        f"wrote {model}"
+        if not args.stage or "model" in args.stage
+        else f"stages {', '.join(args.stage)} done"
     )
+    print(f"{done} ({time.perf_counter() - start:.0f} s this run; stage times in {args.out}/recipe.json)")
     return 0
 
 
