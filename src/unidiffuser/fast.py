@@ -26,8 +26,9 @@ attention, the norms, embeddings and heads stay in the network's dtype.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,7 @@ from torch import Tensor, nn
 
 from .network import UViT
 
+T = TypeVar("T")
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 # torch.compile recompiles per shape (dynamic=False); its default limit of 8 shapes per function
@@ -126,25 +128,32 @@ def _signature(inputs: Mapping[str, Tensor], timesteps: Mapping[str, Tensor]) ->
     )
 
 
+def capture_graph(run: Callable[[], T], pool, warmup: int = 2) -> tuple[torch.cuda.CUDAGraph, T]:
+    """``run`` captured as a CUDA graph in the memory ``pool``; returns the graph and what the
+    captured call returned (tensors that each replay rewrites in place).
+
+    ``run`` is called ``warmup`` times first on a side stream, as capture requires: compilation,
+    autotuning and library workspaces happen there, outside the graph.
+    """
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = run()
+    return graph, out
+
+
 class _Graph:
     """One forward captured as a CUDA graph: inputs are copied in, outputs cloned out."""
 
-    def __init__(
-        self, forward, inputs: Mapping[str, Tensor], timesteps: Mapping[str, Tensor], pool, warmup=2
-    ):
+    def __init__(self, forward, inputs: Mapping[str, Tensor], timesteps: Mapping[str, Tensor], pool):
         self.inputs = {k: v.clone() for k, v in inputs.items()}
         self.timesteps = {k: v.clone() for k, v in timesteps.items()}
-        # Warm up on a side stream, as capture requires: compilation, autotuning and library
-        # workspaces happen here, outside the graph.
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(warmup):
-                forward(self.inputs, self.timesteps)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.outputs = forward(self.inputs, self.timesteps)
+        self.graph, self.outputs = capture_graph(lambda: forward(self.inputs, self.timesteps), pool)
 
     def __call__(self, inputs: Mapping[str, Tensor], timesteps: Mapping[str, Tensor]) -> dict[str, Tensor]:
         for name, value in inputs.items():

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..fast import capture_graph
+
 # How many graph replays run between two reads of "is every sample finished?": each read waits for
 # the GPU. The steps after the last sample finished change nothing that is returned.
 CHECK_EVERY = 8
@@ -227,16 +229,8 @@ class _Plan:
         self.model.reorder(advance(beams, logits, self.eos))
 
     def capture(self, pool) -> None:
-        """Capture ``step`` (warmed up on a side stream first, as capture requires)."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self.step()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.step()
+        """Capture ``step``; its warm-up steps change the buffers, which ``run`` reloads."""
+        self.graph, _ = capture_graph(self.step, pool)
 
     def run(self, prefix: Tensor) -> tuple[Tensor, Tensor]:
         logits = self.model.prefill(prefix, self.beam_size)
