@@ -86,6 +86,69 @@ def test_gradient_reaches_every_parameter():
     assert missing == []
 
 
+class Spoiler(UViT):
+    """Predicts zero noise, except a huge value wherever its group was given clean (t = 0)."""
+
+    def forward(self, inputs, timesteps):
+        self.seen = ({k: v.clone() for k, v in inputs.items()}, timesteps)
+        out = {}
+        for m in self.config.diffused:
+            clean = (timesteps[m.group] == 0).view(-1, *([1] * (inputs[m.name].ndim - 1)))
+            out[m.name] = torch.where(clean, 1e6, 0.0).expand_as(inputs[m.name]).clone()
+        return out
+
+
+@pytest.fixture(scope="module")
+def clean_run():
+    model = Spoiler(PRESETS["tiny"])
+    n = 20_000
+    batch, _ = random_inputs(model.config, n)
+    loss, parts = unidiffuser_loss(
+        model, SCHEDULE, batch, generator=torch.Generator().manual_seed(2), clean_prob=0.6
+    )
+    return model, batch, loss, parts, n
+
+
+def test_clean_prob_gives_one_group_clean_in_that_share_of_examples(clean_run):
+    model, batch, _, _, n = clean_run
+    inputs, times = model.seen
+    clean = {g: times[g] == 0 for g in ("image", "text")}
+    assert not (clean["image"] & clean["text"]).any()  # never both: something is always learned
+    for g in clean:  # each group clean in 0.6 / 2 of the examples: sd sqrt(0.3 * 0.7 / n) = 0.0032
+        assert abs(clean[g].float().mean().item() - 0.3) < 0.014
+        rest = times[g][~clean[g]]  # the others keep the paper's uniform draw on 1..1000
+        assert rest.min() >= 1 and rest.max() <= 1000 and abs(rest.mean().item() - 500.5) < 10
+    for name, group in (("img", "image"), ("clip_img", "image"), ("text", "text")):
+        assert torch.equal(inputs[name][clean[group]], batch[name][clean[group]])  # no noise at all
+        noised = ~clean[group]
+        assert not torch.isclose(inputs[name][noised], batch[name][noised]).all()
+
+
+def test_clean_modalities_carry_no_loss(clean_run):
+    # The spoiler's 1e6 predictions on clean examples would dominate the loss if they counted; on
+    # the rest it predicts 0, so each part is the mean squared noise of the diffused examples.
+    _, _, loss, parts, _ = clean_run
+    for name in ("img", "clip_img", "text"):
+        assert abs(parts[name].item() - 1.0) < 0.02
+    torch.testing.assert_close(loss, sum(parts.values()))
+    element, _ = unidiffuser_loss(
+        Spoiler(PRESETS["tiny"]),
+        SCHEDULE,
+        random_inputs(PRESETS["tiny"], 2000)[0],
+        weighting="element",
+        generator=torch.Generator().manual_seed(3),
+        clean_prob=0.9,
+    )
+    assert abs(element.item() - 1.0) < 0.05
+
+
+def test_clean_prob_zero_is_the_paper_objective(tiny):
+    batch, _ = random_inputs(tiny.config, 8)
+    plain = unidiffuser_loss(tiny, SCHEDULE, batch, generator=torch.Generator().manual_seed(4))
+    zero = unidiffuser_loss(tiny, SCHEDULE, batch, generator=torch.Generator().manual_seed(4), clean_prob=0.0)
+    assert torch.equal(plain[0], zero[0])
+
+
 def test_bad_loss_arguments(tiny):
     batch, _ = random_inputs(tiny.config, 2)
     with pytest.raises(ValueError, match="weighting='tokens'"):
@@ -98,3 +161,6 @@ def test_bad_loss_arguments(tiny):
         unidiffuser_loss(tiny, SCHEDULE, {**batch, "img": batch["img"] * float("nan")})
     with pytest.raises(ValueError, match=r"batch\['text'\]: expected a floating tensor"):
         unidiffuser_loss(tiny, SCHEDULE, {**batch, "text": batch["text"].long()})
+    for share in (1.0, -0.1):
+        with pytest.raises(ValueError, match=rf"clean_prob={share}: expected a share in \[0, 1\)"):
+            unidiffuser_loss(tiny, SCHEDULE, batch, clean_prob=share)

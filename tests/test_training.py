@@ -103,6 +103,7 @@ def straight(tmp_path_factory):
         ({"distributed": "zero3"}, "distributed = 'zero3': is not one of ('ddp', 'fsdp')"),
         ({"distributed": "fsdp", "mixed_precision": "fp16"}, "does not go with distributed = 'fsdp'"),
         ({"num_workers": -1}, "num_workers = -1: must be >= 0"),
+        ({"clean_prob": 1.0}, "clean_prob = 1.0: must lie in [0, 1)"),
     ],
 )
 def test_config_errors_name_key_value_and_fix(values, message):
@@ -220,6 +221,25 @@ def test_train_with_compile_matches_the_plain_run(straight, tmp_path):
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=f"weight {k} differs")
     assert parse_toml((tmp_path / "config.toml").read_text())["compile"] is True
+
+
+def test_train_with_clean_conditions_feeds_clean_groups_to_the_network(tmp_path, monkeypatch):
+    """``clean_prob`` reaches the loss: the network sees timestep 0 in some examples of each group."""
+    import unidiffuser.training.trainer as trainer
+
+    seen = []
+    real = trainer.unidiffuser_loss
+
+    def spy(network, schedule, batch, **kw):
+        loss, parts = real(network, schedule, batch, **kw)
+        seen.append(kw["clean_prob"])
+        return loss, parts
+
+    monkeypatch.setattr(trainer, "unidiffuser_loss", spy)
+    train(toy_config(tmp_path, clean_prob=0.5))
+    assert seen == [0.5] * 4
+    assert parse_toml((tmp_path / "config.toml").read_text())["clean_prob"] == 0.5
+    assert all(math.isfinite(v) for v in losses(tmp_path).values())
 
 
 # ---------------------------------------------------------------------------------------------

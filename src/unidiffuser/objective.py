@@ -11,6 +11,13 @@ token (512) and the 77x64 text latent (4,928) by 3 to 32 times, and in small mod
 barely be learned. ``weighting="element"`` is the paper's plain MSE over the concatenation of all
 modalities, for fine-tuning in the released model's own balance. ``weights`` scales single
 modalities on top of either.
+
+Clean conditions. The paper draws every group's timestep from U{1..N}, so the network never sees
+the clean (t = 0) condition that conditional sampling gives it, and learns each conditional only
+from the rare draws where one group is nearly clean. ``clean_prob`` > 0 sets, for that share of
+the examples, one group (chosen uniformly) clean: timestep 0, no noise, and no loss on its
+modalities for those examples. The other groups keep their uniform draws, so the network learns
+the conditionals at the very timesteps sampling uses, alongside the joint and the marginals.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ def unidiffuser_loss(
     weighting: str = "modality",
     weights: Mapping[str, float] | None = None,
     generator: torch.Generator | None = None,
+    clean_prob: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The noise-prediction loss of one batch.
 
@@ -44,11 +52,15 @@ def unidiffuser_loss(
         weighting: "modality" (sum of per-modality means) or "element" (one mean over all).
         weights: optional extra factor per diffused modality.
         generator: source of timesteps and noise (drawn on its device).
+        clean_prob: share of examples with one group clean (see the module docstring); with 0
+            (the paper's objective) no extra random numbers are drawn.
 
     Returns:
         The total loss (a scalar with gradient) and the detached per-modality mean squared errors.
     """
     cfg = network.config
+    if not 0.0 <= clean_prob < 1.0:
+        raise ValueError(f"clean_prob={clean_prob}: expected a share in [0, 1), such as 0.5")
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting={weighting!r}: expected one of {WEIGHTINGS}")
     weights = dict(weights or {})
@@ -66,9 +78,12 @@ def unidiffuser_loss(
     b, device = first.shape[0], first.device
     draw_on = generator.device if generator is not None else device
 
-    timesteps, noisy, noises = {}, {}, {}
+    clean = _clean_groups(cfg.groups, b, clean_prob, generator, draw_on)  # group -> (B,) bool, or None
+    timesteps, noisy, noises, kept = {}, {}, {}, {}
     for g in cfg.groups:
         n = torch.randint(1, schedule.num_steps + 1, (b,), generator=generator, device=draw_on)
+        if clean is not None:
+            n = n.masked_fill(clean[g], 0)
         t = schedule.discrete_time(n).to(device)  # (B,) float64
         timesteps[g] = schedule.network_time(t).float()  # = n, the network's scale
         alpha, sigma = schedule.alpha(t.cpu()).to(device), schedule.sigma(t.cpu()).to(device)
@@ -82,15 +97,46 @@ def unidiffuser_loss(
             view = (b,) + (1,) * (x0.ndim - 1)
             noisy[m.name] = alpha.view(view).to(x0.dtype) * x0 + sigma.view(view).to(x0.dtype) * eps
             noises[m.name] = eps
+            if clean is not None:
+                kept[m.name] = (~clean[g]).to(device)
     for m in cfg.labels:
         noisy[m.name] = batch[m.name]
 
     pred = network(noisy, timesteps)
     sq = {name: (pred[name].float() - eps.float()) ** 2 for name, eps in noises.items()}
+    if clean is not None:  # only the examples where the modality was diffused count
+        return _masked_loss(sq, kept, weighting, weights)
     parts = {name: e.mean() for name, e in sq.items()}
     if weighting == "modality":
         total = sum(weights.get(n, 1.0) * parts[n] for n in parts)
     else:
         numel = sum(e.numel() for e in sq.values())
         total = sum(weights.get(n, 1.0) * e.sum() for n, e in sq.items()) / numel
+    return total, {n: v.detach() for n, v in parts.items()}
+
+
+def _clean_groups(
+    groups: tuple[str, ...], b: int, clean_prob: float, generator: torch.Generator | None, device
+) -> dict[str, Tensor] | None:
+    """For ``clean_prob`` of the examples, one group chosen uniformly is clean: group -> (B,) mask."""
+    if clean_prob == 0.0 or len(groups) < 2:  # a single group clean would leave nothing to learn
+        return None
+    chosen = torch.rand(b, generator=generator, device=device) < clean_prob
+    which = torch.randint(0, len(groups), (b,), generator=generator, device=device)
+    return {g: chosen & (which == i) for i, g in enumerate(groups)}
+
+
+def _masked_loss(
+    sq: dict[str, Tensor], kept: dict[str, Tensor], weighting: str, weights: Mapping[str, float]
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The loss over the examples each modality was diffused in (``kept``, (B,) bool each)."""
+    per_example = {n: e.flatten(1).sum(1) for n, e in sq.items()}  # (B,) summed squared errors
+    counts = {n: kept[n].sum() * sq[n][0].numel() for n in sq}  # numbers that count
+    sums = {n: (per_example[n] * kept[n]).sum() for n in sq}
+    parts = {n: sums[n] / counts[n].clamp(min=1) for n in sq}
+    if weighting == "modality":
+        total = sum(weights.get(n, 1.0) * parts[n] for n in parts)
+    else:
+        numel = sum(counts.values())
+        total = sum(weights.get(n, 1.0) * sums[n] for n in sq) / numel.clamp(min=1)
     return total, {n: v.detach() for n, v in parts.items()}

@@ -79,6 +79,7 @@ class TrainConfig:
     compile: bool = False
     weighting: str = "modality"
     loss_weights: Mapping[str, float] = field(default_factory=dict)
+    clean_prob: float = 0.0
     checkpoint_every: int = 1000
     keep_last: int = 3
     log_every: int = 50
@@ -136,6 +137,8 @@ class TrainConfig:
             )
         if self.weighting not in WEIGHTINGS:
             _fail("weighting", self.weighting, f"is not one of {WEIGHTINGS}", 'use "modality" (default)')
+        if not (math.isfinite(self.clean_prob) and 0 <= self.clean_prob < 1):
+            _fail("clean_prob", self.clean_prob, "must lie in [0, 1)", "use 0 (the paper) or a share such as 0.5")
         if not self.data:
             _fail("data", self.data, "is empty", f'use "{TOY}" or the directory of feature shards')
         if not self.output_dir:
@@ -250,6 +253,9 @@ FIELD_HELP: dict[str, str] = {
     "compile": "torch.compile each transformer block (inductor; the first steps pay the compilation)",
     "weighting": f"loss weighting between modalities, one of {', '.join(WEIGHTINGS)}",
     "loss_weights": "extra loss factor per diffused modality, NAME=WEIGHT",
+    "clean_prob": "share of examples in which one timestep group, chosen uniformly, is given clean "
+    "(t = 0, no loss on it): trains the conditionals at the timestep sampling gives them; 0 is the "
+    "paper's objective",
     "checkpoint_every": "save a checkpoint every this many steps (and at the last step)",
     "keep_last": "keep this many newest checkpoints",
     "log_every": "log losses, learning rate and throughput every this many steps",

@@ -625,6 +625,7 @@ def train(config: TrainConfig) -> TrainResult:
                     weighting=config.weighting,
                     weights=config.loss_weights,
                     generator=generator,
+                    clean_prob=config.clean_prob,
                 )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
