@@ -110,7 +110,7 @@ def clean_run():
 
 
 def test_clean_prob_gives_one_group_clean_in_that_share_of_examples(clean_run):
-    model, batch, _, _, n = clean_run
+    model, batch, _, _, _ = clean_run
     inputs, times = model.seen
     clean = {g: times[g] == 0 for g in ("image", "text")}
     assert not (clean["image"] & clean["text"]).any()  # never both: something is always learned

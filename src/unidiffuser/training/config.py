@@ -138,7 +138,12 @@ class TrainConfig:
         if self.weighting not in WEIGHTINGS:
             _fail("weighting", self.weighting, f"is not one of {WEIGHTINGS}", 'use "modality" (default)')
         if not (math.isfinite(self.clean_prob) and 0 <= self.clean_prob < 1):
-            _fail("clean_prob", self.clean_prob, "must lie in [0, 1)", "use 0 (the paper) or a share such as 0.5")
+            _fail(
+                "clean_prob",
+                self.clean_prob,
+                "must lie in [0, 1)",
+                "use 0 (the paper) or a share such as 0.5",
+            )
         if not self.data:
             _fail("data", self.data, "is empty", f'use "{TOY}" or the directory of feature shards')
         if not self.output_dir:
