@@ -15,7 +15,7 @@ from unidiffuser.shapes.recipe import Recipe, run_recipe
 from unidiffuser.shapes.vae_training import _batch, vae_loss
 from unidiffuser.shapes.world import Object, Scene
 
-STAGES = ("tokenizers", "clip", "vae", "decoder", "components", "data", "features", "uvit", "model")
+STAGES = ("tokenizers", "clip", "vae", "decoder", "components", "data", "features", "uvit", "tune", "model")
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +33,24 @@ def test_every_stage_runs_once_and_is_recorded(smoke_run):
     assert all(s["device"] == "cpu" and s["seconds"] >= 0 for s in record["stages"].values())
     assert [line for line in lines if line.endswith("running")] == [f"[{s}] running" for s in STAGES]
     assert (model / "unidiffuser.json").is_file()
+
+
+def test_the_model_holds_the_tuned_network(smoke_run):
+    """tune/ starts from uvit/'s EMA with clean conditions; model/ takes tune/'s EMA, not uvit/'s."""
+    from safetensors.torch import load_file
+
+    from unidiffuser.training.checkpoint import latest_checkpoint, load_weights
+    from unidiffuser.training.config import parse_toml
+
+    out, model, _ = smoke_run
+    config = parse_toml((out / "tune" / "config.toml").read_text())
+    assert config["clean_prob"] == Recipe.smoke().tune_clean_prob > 0
+    assert config["init_from"] == str(out / "uvit") and config["seed"] == Recipe.smoke().seed + 1
+    shipped = load_file(str(model / "network.safetensors"))
+    tuned = load_weights(latest_checkpoint(out / "tune" / "checkpoints"))
+    base = load_weights(latest_checkpoint(out / "uvit" / "checkpoints"))
+    assert all(torch.equal(shipped[k], tuned[k]) for k in tuned)
+    assert any(not torch.equal(tuned[k], base[k]) for k in base)
 
 
 def test_a_rerun_skips_finished_stages(smoke_run):

@@ -11,7 +11,8 @@ interrupted one continues from its last checkpoint):
     data/         rendered train-split scenes, one PNG and one .txt caption each
     features/     the frozen encoders' features of data/              (unidiffuser extract)
     uvit/         the U-ViT, trained on features/                     (unidiffuser train)
-    model/        the finished model: components/ with the U-ViT's EMA weights
+    tune/         the U-ViT fine-tuned with clean conditions          (unidiffuser train --clean-prob)
+    model/        the finished model: components/ with the tuned U-ViT's EMA weights
     recipe.json   the options, and each stage's seconds and device
 
 ``Recipe.full()`` is the shipped model's recipe (about an hour on 2 CPU cores; see the README for
@@ -32,7 +33,7 @@ import numpy as np
 
 from .stage import write_text_atomic
 
-STAGES = ("tokenizers", "clip", "vae", "decoder", "components", "data", "features", "uvit", "model")
+STAGES = ("tokenizers", "clip", "vae", "decoder", "components", "data", "features", "uvit", "tune", "model")
 SHAPES_PROMPTS = (
     "a big red circle in the center",
     "a small blue square at the top left",
@@ -66,6 +67,12 @@ class Recipe:
     uvit_warmup: int = 200
     uvit_decay: int = 15_000  # the last steps lower the learning rate linearly to 0
     ema_decay: float = 0.999
+    # The tune stage: from the U-ViT's EMA, with one group clean in tune_clean_prob of the examples
+    # (objective.py); a constant rate after 100 warm-up steps, lowered to 0 over the last tune_decay.
+    tune_steps: int = 4000
+    tune_clean_prob: float = 0.5
+    tune_lr: float = 1e-4
+    tune_decay: int = 1000
     checkpoint_every: int = 500
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
 
@@ -92,6 +99,8 @@ class Recipe:
             uvit_batch=8,
             uvit_warmup=2,
             uvit_decay=2,
+            tune_steps=2,
+            tune_decay=1,
             checkpoint_every=2,
         )
         return cls(**{**small, **overrides})
@@ -219,6 +228,7 @@ def run_recipe(
     stages.run("data", lambda: (out / "data" / "DONE").is_file(), lambda: _data(out / "data", recipe))
     stages.run("features", lambda: (out / "features" / "DONE").is_file(), lambda: _features(out, recipe))
     stages.run("uvit", lambda: (out / "uvit" / "DONE").is_file(), lambda: _uvit(out, recipe))
+    stages.run("tune", lambda: (out / "tune" / "DONE").is_file(), lambda: _tune(out, recipe))
     stages.run("model", lambda: (out / "model" / "unidiffuser.json").is_file(), lambda: _model(out))
     return out / "model"
 
@@ -408,13 +418,55 @@ def _uvit(out: Path, recipe: Recipe) -> None:
     (out / "uvit" / "DONE").write_text("done\n")
 
 
+def tune_config(out: Path, recipe: Recipe):
+    """The tune stage's training run: ``unidiffuser train --init-from OUT/uvit --clean-prob ...``."""
+    from ..training.config import TrainConfig
+
+    return TrainConfig(
+        init_from=str(out / "uvit"),  # a run directory: the EMA of its newest checkpoint
+        data=str(out / "features"),
+        output_dir=str(out / "tune"),
+        steps=recipe.tune_steps,
+        batch_size=recipe.uvit_batch,
+        lr=recipe.tune_lr,
+        warmup_steps=min(100, recipe.tune_steps),
+        decay_steps=recipe.tune_decay,
+        ema_decay=recipe.ema_decay,
+        clean_prob=recipe.tune_clean_prob,
+        checkpoint_every=recipe.checkpoint_every,
+        keep_last=2,
+        log_every=50,
+        seed=recipe.seed + 1,  # its own data order and noise, not the uvit stage's again
+        resume=True,
+    )
+
+
+def _tune(out: Path, recipe: Recipe) -> None:
+    from ..training.trainer import train
+
+    if recipe.tune_steps:
+        train(tune_config(out, recipe))
+    (out / "tune" / "DONE").parent.mkdir(parents=True, exist_ok=True)
+    (out / "tune" / "DONE").write_text("done\n")
+
+
 def _model(out: Path) -> None:
     from ..pipeline import UniDiffuser
-    from ..training.checkpoint import latest_checkpoint, load_weights
+    from ..training.checkpoint import find_checkpoints, latest_checkpoint, load_weights
 
+    tuned = out / "tune" / "checkpoints"
+    run = tuned if tuned.is_dir() and find_checkpoints(tuned)[0] else out / "uvit" / "checkpoints"
     pipe = UniDiffuser.from_pretrained(out / "components")
-    pipe.network.load_state_dict(load_weights(latest_checkpoint(out / "uvit" / "checkpoints")), strict=True)
+    pipe.network.load_state_dict(load_weights(latest_checkpoint(run)), strict=True)
     pipe.save_pretrained(out / "model")
 
 
-__all__ = ["SHAPES_PROMPTS", "STAGES", "Recipe", "decoder_architecture", "network_config", "run_recipe"]
+__all__ = [
+    "SHAPES_PROMPTS",
+    "STAGES",
+    "Recipe",
+    "decoder_architecture",
+    "network_config",
+    "run_recipe",
+    "tune_config",
+]
