@@ -15,8 +15,9 @@ interrupted one continues from its last checkpoint):
     model/        the finished model: components/ with the tuned U-ViT's EMA weights
     recipe.json   the options, and each stage's seconds and device
 
-``Recipe.full()`` is the shipped model's recipe (about an hour on 2 CPU cores; see the README for
-the measured times); ``Recipe.smoke()`` runs every stage for a few steps, for tests.
+``Recipe.full()`` is the shipped model's recipe (6.4 hours on 2 CPU cores, nearly all of it the
+U-ViT; the README lists each stage's measured time); ``Recipe.smoke()`` runs every stage for a few
+steps, for tests.
 """
 
 from __future__ import annotations
