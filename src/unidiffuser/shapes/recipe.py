@@ -389,27 +389,38 @@ def _features(out: Path, recipe: Recipe) -> None:
     (out / "features" / "DONE").write_text("done\n")
 
 
-def _uvit(out: Path, recipe: Recipe) -> None:
-    from ..pipeline import UniDiffuser
+def _train_config(out: Path, recipe: Recipe, stage: str, **fields: Any):
+    """A U-ViT training run of the recipe into ``out/stage``, on ``out/features``, resumable."""
     from ..training.config import TrainConfig
-    from ..training.trainer import train
 
-    network = UniDiffuser.from_pretrained(out / "components").network
-    config = TrainConfig(
-        model=network.config.to_dict(),
+    common = dict(
         data=str(out / "features"),
-        output_dir=str(out / "uvit"),
-        steps=recipe.uvit_steps,
+        output_dir=str(out / stage),
         batch_size=recipe.uvit_batch,
-        lr=recipe.uvit_lr,
-        warmup_steps=recipe.uvit_warmup,
-        decay_steps=recipe.uvit_decay,
         ema_decay=recipe.ema_decay,
         checkpoint_every=recipe.checkpoint_every,
         keep_last=2,
         log_every=50,
-        seed=recipe.seed,
         resume=True,
+    )
+    return TrainConfig(**common, **fields)
+
+
+def _uvit(out: Path, recipe: Recipe) -> None:
+    from ..pipeline import UniDiffuser
+    from ..training.trainer import train
+
+    network = UniDiffuser.from_pretrained(out / "components").network
+    config = _train_config(
+        out,
+        recipe,
+        "uvit",
+        model=network.config.to_dict(),
+        steps=recipe.uvit_steps,
+        lr=recipe.uvit_lr,
+        warmup_steps=recipe.uvit_warmup,
+        decay_steps=recipe.uvit_decay,
+        seed=recipe.seed,
         components=str(out / "components"),
         sample_every=recipe.checkpoint_every * 2,
         sample_prompts=SHAPES_PROMPTS,
@@ -421,24 +432,17 @@ def _uvit(out: Path, recipe: Recipe) -> None:
 
 def tune_config(out: Path, recipe: Recipe):
     """The tune stage's training run: ``unidiffuser train --init-from OUT/uvit --clean-prob ...``."""
-    from ..training.config import TrainConfig
-
-    return TrainConfig(
+    return _train_config(
+        out,
+        recipe,
+        "tune",
         init_from=str(out / "uvit"),  # a run directory: the EMA of its newest checkpoint
-        data=str(out / "features"),
-        output_dir=str(out / "tune"),
         steps=recipe.tune_steps,
-        batch_size=recipe.uvit_batch,
         lr=recipe.tune_lr,
         warmup_steps=min(100, recipe.tune_steps),
         decay_steps=recipe.tune_decay,
-        ema_decay=recipe.ema_decay,
         clean_prob=recipe.tune_clean_prob,
-        checkpoint_every=recipe.checkpoint_every,
-        keep_last=2,
-        log_every=50,
         seed=recipe.seed + 1,  # its own data order and noise, not the uvit stage's again
-        resume=True,
     )
 
 
