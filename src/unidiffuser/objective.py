@@ -103,15 +103,19 @@ def unidiffuser_loss(
         noisy[m.name] = batch[m.name]
 
     pred = network(noisy, timesteps)
-    sq = {name: (pred[name].float() - eps.float()) ** 2 for name, eps in noises.items()}
-    if clean is not None:  # only the examples where the modality was diffused count
-        return _masked_loss(sq, kept, weighting, weights)
-    parts = {name: e.mean() for name, e in sq.items()}
+    sums, counts = {}, {}  # per modality: summed squared error, and how many numbers it is over
+    for name, eps in noises.items():
+        sq = (pred[name].float() - eps.float()) ** 2
+        if name in kept:  # only the examples where the modality was diffused count
+            sums[name] = (sq.flatten(1).sum(1) * kept[name]).sum()
+            counts[name] = kept[name].sum() * sq[0].numel()
+        else:
+            sums[name], counts[name] = sq.sum(), torch.tensor(sq.numel(), device=sq.device)
+    parts = {n: sums[n] / counts[n].clamp(min=1) for n in sums}
     if weighting == "modality":
         total = sum(weights.get(n, 1.0) * parts[n] for n in parts)
     else:
-        numel = sum(e.numel() for e in sq.values())
-        total = sum(weights.get(n, 1.0) * e.sum() for n, e in sq.items()) / numel
+        total = sum(weights.get(n, 1.0) * sums[n] for n in sums) / sum(counts.values()).clamp(min=1)
     return total, {n: v.detach() for n, v in parts.items()}
 
 
@@ -124,19 +128,3 @@ def _clean_groups(
     chosen = torch.rand(b, generator=generator, device=device) < clean_prob
     which = torch.randint(0, len(groups), (b,), generator=generator, device=device)
     return {g: chosen & (which == i) for i, g in enumerate(groups)}
-
-
-def _masked_loss(
-    sq: dict[str, Tensor], kept: dict[str, Tensor], weighting: str, weights: Mapping[str, float]
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """The loss over the examples each modality was diffused in (``kept``, (B,) bool each)."""
-    per_example = {n: e.flatten(1).sum(1) for n, e in sq.items()}  # (B,) summed squared errors
-    counts = {n: kept[n].sum() * sq[n][0].numel() for n in sq}  # numbers that count
-    sums = {n: (per_example[n] * kept[n]).sum() for n in sq}
-    parts = {n: sums[n] / counts[n].clamp(min=1) for n in sq}
-    if weighting == "modality":
-        total = sum(weights.get(n, 1.0) * parts[n] for n in parts)
-    else:
-        numel = sum(counts.values())
-        total = sum(weights.get(n, 1.0) * sums[n] for n in sq) / numel.clamp(min=1)
-    return total, {n: v.detach() for n, v in parts.items()}
