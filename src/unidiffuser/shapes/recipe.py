@@ -230,7 +230,7 @@ def run_recipe(
     stages.run("features", lambda: (out / "features" / "DONE").is_file(), lambda: _features(out, recipe))
     stages.run("uvit", lambda: (out / "uvit" / "DONE").is_file(), lambda: _uvit(out, recipe))
     stages.run("tune", lambda: (out / "tune" / "DONE").is_file(), lambda: _tune(out, recipe))
-    stages.run("model", lambda: (out / "model" / "unidiffuser.json").is_file(), lambda: _model(out))
+    stages.run("model", lambda: (out / "model" / "unidiffuser.json").is_file(), lambda: _model(out, recipe))
     return out / "model"
 
 
@@ -451,16 +451,15 @@ def _tune(out: Path, recipe: Recipe) -> None:
 
     if recipe.tune_steps:
         train(tune_config(out, recipe))
-    (out / "tune" / "DONE").parent.mkdir(parents=True, exist_ok=True)
+    (out / "tune").mkdir(parents=True, exist_ok=True)
     (out / "tune" / "DONE").write_text("done\n")
 
 
-def _model(out: Path) -> None:
+def _model(out: Path, recipe: Recipe) -> None:
     from ..pipeline import UniDiffuser
-    from ..training.checkpoint import find_checkpoints, latest_checkpoint, load_weights
+    from ..training.checkpoint import latest_checkpoint, load_weights
 
-    tuned = out / "tune" / "checkpoints"
-    run = tuned if tuned.is_dir() and find_checkpoints(tuned)[0] else out / "uvit" / "checkpoints"
+    run = out / ("tune" if recipe.tune_steps else "uvit") / "checkpoints"
     pipe = UniDiffuser.from_pretrained(out / "components")
     pipe.network.load_state_dict(load_weights(latest_checkpoint(run)), strict=True)
     pipe.save_pretrained(out / "model")
