@@ -11,7 +11,7 @@ from unidiffuser.cli import main
 from unidiffuser.pipeline import UniDiffuser
 from unidiffuser.shapes import render, sample_scene
 from unidiffuser.shapes.evaluate import attribute_shares, evaluate, format_rows
-from unidiffuser.shapes.recipe import Recipe, run_recipe
+from unidiffuser.shapes.recipe import Recipe, parse_options, run_recipe
 from unidiffuser.shapes.vae_training import _batch, vae_loss
 from unidiffuser.shapes.world import Object, Scene
 
@@ -45,6 +45,7 @@ def test_the_model_holds_the_tuned_network(smoke_run):
     out, model, _ = smoke_run
     config = parse_toml((out / "tune" / "config.toml").read_text())
     assert config["clean_prob"] == Recipe.smoke().tune_clean_prob > 0
+    assert config["mixed_precision"] == Recipe.smoke().precision
     assert config["init_from"] == str(out / "uvit") and config["seed"] == Recipe.smoke().seed + 1
     shipped = load_file(str(model / "network.safetensors"))
     tuned = load_weights(latest_checkpoint(out / "tune" / "checkpoints"))
@@ -74,6 +75,66 @@ def test_other_options_are_refused(smoke_run):
     out, _, _ = smoke_run
     with pytest.raises(ValueError, match=r"other options \(uvit_steps\)"):
         run_recipe(out, Recipe.smoke(uvit_steps=5), log=lambda _: None)
+
+
+def test_a_record_from_before_an_option_existed_still_resumes(smoke_run):
+    """recipe.json written before `precision` existed: the missing option counts as its default."""
+    out, _, _ = smoke_run
+    record = json.loads((out / "recipe.json").read_text())
+    del record["recipe"]["precision"]
+    (out / "recipe.json").write_text(json.dumps(record))
+    lines: list[str] = []
+    run_recipe(out, Recipe.smoke(threads=1), log=lines.append)
+    assert lines == [f"[{s}] done already" for s in STAGES]
+    with pytest.raises(ValueError, match=r"other options \(precision\)"):
+        run_recipe(out, Recipe.smoke(precision="bf16"), log=lambda _: None)
+
+
+def test_set_changes_recipe_options(smoke_run, capsys):
+    out, _, _ = smoke_run
+    assert parse_options(["uvit_steps=100_000", "uvit-lr=1e-3", "precision=bf16"]) == {
+        "uvit_steps": 100_000, "uvit_lr": 1e-3, "precision": "bf16",
+    }  # fmt: skip
+    assert Recipe.full(**parse_options(["tune_steps=0"])).tune_steps == 0
+    # the option reaches the run: the smoke run's folder refuses a recipe with other U-ViT steps
+    with pytest.raises(SystemExit, match=r"other options \(uvit_steps\)"):
+        main(["recipe", "shapes", "--out", str(out), "--smoke", "--threads", "1", "--set", "uvit_steps=5"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["recipe", "--help"])
+    assert "uvit_steps=35000" in capsys.readouterr().out.replace("\n", " ")  # --help lists the options
+
+
+@pytest.mark.parametrize(
+    ("pairs", "message"),
+    [
+        (["uvit_steps"], r"expected KEY=VALUE"),
+        (["uvit_step=3"], r"'uvit_step' is no recipe option; the options are image_size, "),
+        (["uvit_steps=3.5"], r"expected an int"),
+        (["uvit_lr=fast"], r"expected a float"),
+        (["seed=3"], r"seed has a flag of its own \(--seed\)"),
+    ],
+)
+def test_set_refuses_what_is_no_option(pairs, message):
+    with pytest.raises(ValueError, match=message):
+        parse_options(pairs)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"uvit_steps": 0}, r"uvit_steps=0: expected > 0"),
+        ({"uvit_lr": -1e-4}, r"uvit_lr=-0.0001: expected > 0"),
+        ({"tune_steps": -1}, r"tune_steps=-1: expected >= 0"),
+        ({"tune_clean_prob": 1.0}, r"tune_clean_prob=1.0: expected a share in \[0, 1\)"),
+        ({"ema_decay": 1.0}, r"ema_decay=1.0: expected a value in \(0, 1\)"),
+        ({"uvit_width": 100, "uvit_heads": 3}, r"uvit_width=100: expected a multiple of uvit_heads=3"),
+        ({"precision": "fp8"}, r"precision='fp8': expected one of \('no', 'bf16', 'fp16'\)"),
+    ],
+)
+def test_a_recipe_refuses_bad_options_before_any_stage_runs(options, message):
+    with pytest.raises(ValueError, match=message):
+        Recipe.full(**options)
 
 
 def test_the_model_has_the_worlds_sizes_and_samples(smoke_run):

@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from .recipe import STAGES
+from .recipe import STAGES, recipe_options
 
 WORLDS = ("shapes",)
 
@@ -14,11 +14,14 @@ WORLDS = ("shapes",)
 def cmd_recipe(args: argparse.Namespace) -> int:
     """Train every component of the shapes model from a seed into --out (resumable: rerun to continue)."""
     from ..devices import device_option
-    from .recipe import Recipe, run_recipe
+    from .recipe import Recipe, parse_options, run_recipe
 
     make = Recipe.smoke if args.smoke else Recipe.full
     device = str(device_option(args.device, "unidiffuser recipe"))
-    recipe = make(seed=args.seed, device=device, threads=args.threads)
+    try:
+        recipe = make(seed=args.seed, device=device, threads=args.threads, **parse_options(args.set))
+    except ValueError as err:
+        raise SystemExit(f"unidiffuser recipe: {err}") from None
     start = time.perf_counter()
     try:
         model = run_recipe(args.out, recipe, log=lambda text: print(text, file=sys.stderr), only=args.stage)
@@ -90,6 +93,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     r.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     r.add_argument("--smoke", action="store_true", help="every stage for a few steps (checks the plumbing)")
+    r.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="change one recipe option (repeat for several), such as uvit_steps=100000 or precision=bf16; "
+        f"the options, with the shipped model's values: {', '.join(recipe_options())}",
+    )  # fmt: skip
     r.add_argument(
         "--stage", action="append", choices=STAGES, default=None,
         help="run only this stage (repeat for several); the stages before it must be finished",

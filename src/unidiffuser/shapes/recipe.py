@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from ..training.config import MIXED_PRECISION
 from .stage import write_text_atomic
 
 STAGES = ("tokenizers", "clip", "vae", "decoder", "components", "data", "features", "uvit", "tune", "model")
@@ -75,7 +76,33 @@ class Recipe:
     tune_lr: float = 1e-4
     tune_decay: int = 1000
     checkpoint_every: int = 500
+    precision: str = "no"  # the U-ViT runs' mixed precision: "no", or "bf16"/"fp16" on a GPU
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in _MAY_BE_ZERO:
+                ok = value >= 0
+            elif isinstance(value, (int, float)) and f.name != "seed":
+                ok = value > 0
+            else:
+                ok = True
+            if not ok:
+                floor = ">= 0" if f.name in _MAY_BE_ZERO else "> 0"
+                raise ValueError(f"{f.name}={value}: expected {floor}")
+        if not 0.0 <= self.tune_clean_prob < 1.0:
+            raise ValueError(
+                f"tune_clean_prob={self.tune_clean_prob}: expected a share in [0, 1), such as 0.5"
+            )
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay={self.ema_decay}: expected a value in (0, 1), such as 0.999")
+        if self.uvit_width % self.uvit_heads:
+            raise ValueError(
+                f"uvit_width={self.uvit_width}: expected a multiple of uvit_heads={self.uvit_heads}"
+            )
+        if self.precision not in MIXED_PRECISION:
+            raise ValueError(f"precision={self.precision!r}: expected one of {MIXED_PRECISION}")
 
     @classmethod
     def full(cls, **overrides: Any) -> Recipe:
@@ -105,6 +132,44 @@ class Recipe:
             checkpoint_every=2,
         )
         return cls(**{**small, **overrides})
+
+
+_MAY_BE_ZERO = ("tune_steps", "tune_decay", "uvit_decay", "threads")
+# Options with flags of their own on `unidiffuser recipe`, so not set with --set.
+_FLAGGED = ("seed", "device", "threads")
+
+
+def recipe_options() -> list[str]:
+    """``KEY=DEFAULT`` of every option ``--set`` may change."""
+    return [f"{f.name}={f.default}" for f in dataclasses.fields(Recipe) if f.name not in _FLAGGED]
+
+
+def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings (``--set uvit_steps=100000``) -> Recipe options of their fields' types.
+
+    Raises:
+        ValueError: no "=", a key that is no option (or one with a flag of its own), or a value
+            that is not of the option's type.
+    """
+    fields = {f.name: type(f.default) for f in dataclasses.fields(Recipe) if f.name not in _FLAGGED}
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep:
+            raise ValueError(f"{pair!r}: expected KEY=VALUE, such as uvit_steps=100000")
+        if key in _FLAGGED:
+            raise ValueError(f"{pair!r}: {key} has a flag of its own (--{key})")
+        if key not in fields:
+            raise ValueError(f"{pair!r}: {key!r} is no recipe option; the options are {', '.join(fields)}")
+        kind = fields[key]
+        try:
+            options[key] = kind(text.strip())
+        except ValueError:
+            raise ValueError(
+                f"{pair!r}: expected {'an int' if kind is int else f'a {kind.__name__}'}"
+            ) from None
+    return options
 
 
 def network_config(recipe: Recipe, prefix_dim: int, clip_dim: int, text_length: int, latent_side: int):
@@ -153,7 +218,8 @@ class _Stages:
         mine = {k: v for k, v in dataclasses.asdict(recipe).items() if k not in self.IGNORED}
         saved = self._read().get("recipe")
         if saved is not None:
-            differ = sorted(k for k in mine if saved.get(k) != mine[k])
+            defaults = dataclasses.asdict(Recipe())  # an option newer than the record had its default
+            differ = sorted(k for k in mine if saved.get(k, defaults[k]) != mine[k])
             if differ:
                 raise ValueError(
                     f"{out}: made by a recipe with other options ({', '.join(differ)}); "
@@ -401,6 +467,7 @@ def _train_config(out: Path, recipe: Recipe, stage: str, **fields: Any):
         checkpoint_every=recipe.checkpoint_every,
         keep_last=2,
         log_every=50,
+        mixed_precision=recipe.precision,
         resume=True,
     )
     return TrainConfig(**common, **fields)
@@ -471,6 +538,8 @@ __all__ = [
     "Recipe",
     "decoder_architecture",
     "network_config",
+    "parse_options",
+    "recipe_options",
     "run_recipe",
     "tune_config",
 ]
