@@ -11,7 +11,7 @@ from unidiffuser.cli import main
 from unidiffuser.pipeline import UniDiffuser
 from unidiffuser.shapes import render, sample_scene
 from unidiffuser.shapes.evaluate import attribute_shares, evaluate, format_rows
-from unidiffuser.shapes.recipe import Recipe, parse_options, run_recipe
+from unidiffuser.shapes.recipe import Recipe, parse_options, run_recipe, tune_configs
 from unidiffuser.shapes.vae_training import _batch, vae_loss
 from unidiffuser.shapes.world import Object, Scene
 
@@ -43,15 +43,38 @@ def test_the_model_holds_the_tuned_network(smoke_run):
     from unidiffuser.training.config import parse_toml
 
     out, model, _ = smoke_run
-    config = parse_toml((out / "tune" / "config.toml").read_text())
-    assert config["clean_prob"] == Recipe.smoke().tune_clean_prob > 0
-    assert config["mixed_precision"] == Recipe.smoke().precision
-    assert config["init_from"] == str(out / "uvit") and config["seed"] == Recipe.smoke().seed + 1
+    recipe = Recipe.smoke()
+    config = parse_toml((out / "tune" / "config.toml").read_text())  # the last phase's options
+    assert config["clean_prob"] == recipe.tune_clean_prob > 0
+    assert config["mixed_precision"] == recipe.precision
+    assert config["init_from"] == str(out / "uvit") and config["seed"] == recipe.seed + 1
+    assert config["steps"] == recipe.tune_steps and config["loss_weights"] == {"img": recipe.tune_img_weight}
+    assert latest_checkpoint(out / "tune" / "checkpoints").step == recipe.tune_steps
+    # the weighted phase resumed the plain one: the plain phase's last checkpoint is still its own
+    first = json.loads((out / "tune" / "checkpoints" / "step_000002" / "state.json").read_text())
+    assert first["config"]["loss_weights"] == {} and recipe.tune_weigh_from == 2
     shipped = load_file(str(model / "network.safetensors"))
     tuned = load_weights(latest_checkpoint(out / "tune" / "checkpoints"))
     base = load_weights(latest_checkpoint(out / "uvit" / "checkpoints"))
     assert all(torch.equal(shipped[k], tuned[k]) for k in tuned)
     assert any(not torch.equal(tuned[k], base[k]) for k in base)
+
+
+@pytest.mark.parametrize(
+    ("steps", "weigh_from", "phases"),
+    [
+        (16, 8, [(8, {}), (16, {"img": 10.0})]),
+        (16, 0, [(16, {"img": 10.0})]),
+        (16, 16, [(16, {})]),
+        (16, 20, [(16, {})]),
+        (0, 8, []),
+    ],
+)
+def test_the_tune_stage_weighs_the_image_from_its_second_phase(tmp_path, steps, weigh_from, phases):
+    recipe = Recipe.full(tune_steps=steps, tune_weigh_from=weigh_from, tune_img_weight=10.0, tune_decay=4)
+    configs = tune_configs(tmp_path, recipe)
+    assert [(c.steps, dict(c.loss_weights)) for c in configs] == phases
+    assert all(c.output_dir == str(tmp_path / "tune") and c.resume and c.decay_steps == 4 for c in configs)
 
 
 def test_a_rerun_skips_finished_stages(smoke_run):

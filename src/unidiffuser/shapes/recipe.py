@@ -11,11 +11,12 @@ interrupted one continues from its last checkpoint):
     data/         rendered train-split scenes, one PNG and one .txt caption each
     features/     the frozen encoders' features of data/              (unidiffuser extract)
     uvit/         the U-ViT, trained on features/                     (unidiffuser train)
-    tune/         the U-ViT fine-tuned with clean conditions          (unidiffuser train --clean-prob)
+    tune/         the U-ViT fine-tuned with clean conditions; its     (unidiffuser train --clean-prob,
+                  second phase weighs the image latent's loss up      then also --loss-weight img=W)
     model/        the finished model: components/ with the tuned U-ViT's EMA weights
     recipe.json   the options, and each stage's seconds and device
 
-``Recipe.full()`` is the shipped model's recipe (6.4 hours on 2 CPU cores, nearly all of it the
+``Recipe.full()`` is the shipped model's recipe (8.7 hours on 2 CPU cores, nearly all of it the
 U-ViT; the README lists each stage's measured time); ``Recipe.smoke()`` runs every stage for a few
 steps, for tests.
 """
@@ -70,11 +71,16 @@ class Recipe:
     uvit_decay: int = 15_000  # the last steps lower the learning rate linearly to 0
     ema_decay: float = 0.999
     # The tune stage: from the U-ViT's EMA, with one group clean in tune_clean_prob of the examples
-    # (objective.py); a constant rate after 100 warm-up steps, lowered to 0 over the last tune_decay.
-    tune_steps: int = 4000
+    # (objective.py); a constant rate after 100 warm-up steps, lowered to 0 over the last tune_decay
+    # of each phase. Two phases: every modality weighs the same until step tune_weigh_from, then the
+    # image latent's loss weighs tune_img_weight (the shape of an object is a few latent pixels, so
+    # its share of a plain loss is small).
+    tune_steps: int = 16_000
     tune_clean_prob: float = 0.5
     tune_lr: float = 1e-4
-    tune_decay: int = 1000
+    tune_decay: int = 1500
+    tune_weigh_from: int = 8000
+    tune_img_weight: float = 10.0
     checkpoint_every: int = 500
     precision: str = "no"  # the U-ViT runs' mixed precision: "no", or "bf16"/"fp16" on a GPU
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
@@ -127,14 +133,15 @@ class Recipe:
             uvit_batch=8,
             uvit_warmup=2,
             uvit_decay=2,
-            tune_steps=2,
+            tune_steps=4,
             tune_decay=1,
+            tune_weigh_from=2,
             checkpoint_every=2,
         )
         return cls(**{**small, **overrides})
 
 
-_MAY_BE_ZERO = ("tune_steps", "tune_decay", "uvit_decay", "threads")
+_MAY_BE_ZERO = ("tune_steps", "tune_decay", "tune_weigh_from", "uvit_decay", "threads")
 # Options with flags of their own on `unidiffuser recipe`, so not set with --set.
 _FLAGGED = ("seed", "device", "threads")
 
@@ -497,27 +504,39 @@ def _uvit(out: Path, recipe: Recipe) -> None:
     (out / "uvit" / "DONE").write_text("done\n")
 
 
-def tune_config(out: Path, recipe: Recipe):
-    """The tune stage's training run: ``unidiffuser train --init-from OUT/uvit --clean-prob ...``."""
-    return _train_config(
-        out,
-        recipe,
-        "tune",
-        init_from=str(out / "uvit"),  # a run directory: the EMA of its newest checkpoint
-        steps=recipe.tune_steps,
-        lr=recipe.tune_lr,
-        warmup_steps=min(100, recipe.tune_steps),
-        decay_steps=recipe.tune_decay,
-        clean_prob=recipe.tune_clean_prob,
-        seed=recipe.seed + 1,  # its own data order and noise, not the uvit stage's again
-    )
+def tune_configs(out: Path, recipe: Recipe) -> list:
+    """The tune stage's training runs, in order: ``unidiffuser train --init-from OUT/uvit
+    --clean-prob ...`` up to step ``tune_weigh_from``, then the same run resumed up to
+    ``tune_steps`` with ``--loss-weight img=W``. A phase with no steps is left out."""
+    phases = [(min(recipe.tune_weigh_from, recipe.tune_steps), {})]
+    phases.append((recipe.tune_steps, {"img": recipe.tune_img_weight}))
+    configs, done = [], 0
+    for steps, weights in phases:
+        if steps > done:
+            configs.append(
+                _train_config(
+                    out,
+                    recipe,
+                    "tune",
+                    init_from=str(out / "uvit"),  # a run directory: the EMA of its newest checkpoint
+                    steps=steps,
+                    lr=recipe.tune_lr,
+                    warmup_steps=min(100, steps),
+                    decay_steps=min(recipe.tune_decay, steps - done),
+                    clean_prob=recipe.tune_clean_prob,
+                    loss_weights=weights,
+                    seed=recipe.seed + 1,  # its own data order and noise, not the uvit stage's again
+                )
+            )
+        done = max(done, steps)
+    return configs
 
 
 def _tune(out: Path, recipe: Recipe) -> None:
     from ..training.trainer import train
 
-    if recipe.tune_steps:
-        train(tune_config(out, recipe))
+    for config in tune_configs(out, recipe):  # the second resumes the first's newest checkpoint
+        train(config)
     (out / "tune").mkdir(parents=True, exist_ok=True)
     (out / "tune" / "DONE").write_text("done\n")
 
@@ -541,5 +560,5 @@ __all__ = [
     "parse_options",
     "recipe_options",
     "run_recipe",
-    "tune_config",
+    "tune_configs",
 ]
