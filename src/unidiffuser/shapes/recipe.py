@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from ..training.config import MIXED_PRECISION
+from ..training.config import MIXED_PRECISION, TrainConfig
 from .stage import write_text_atomic
 
 STAGES = ("tokenizers", "clip", "vae", "decoder", "components", "data", "features", "uvit", "tune", "model")
@@ -146,9 +146,13 @@ _MAY_BE_ZERO = ("tune_steps", "tune_decay", "tune_weigh_from", "uvit_decay", "th
 _FLAGGED = ("seed", "device", "threads")
 
 
+def _settable() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(Recipe) if f.name not in _FLAGGED]
+
+
 def recipe_options() -> list[str]:
     """``KEY=DEFAULT`` of every option ``--set`` may change."""
-    return [f"{f.name}={f.default}" for f in dataclasses.fields(Recipe) if f.name not in _FLAGGED]
+    return [f"{f.name}={f.default}" for f in _settable()]
 
 
 def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
@@ -158,7 +162,7 @@ def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
         ValueError: no "=", a key that is no option (or one with a flag of its own), or a value
             that is not of the option's type.
     """
-    fields = {f.name: type(f.default) for f in dataclasses.fields(Recipe) if f.name not in _FLAGGED}
+    fields = {f.name: type(f.default) for f in _settable()}
     options: dict[str, Any] = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")
@@ -462,10 +466,8 @@ def _features(out: Path, recipe: Recipe) -> None:
     (out / "features" / "DONE").write_text("done\n")
 
 
-def _train_config(out: Path, recipe: Recipe, stage: str, **fields: Any):
+def _train_config(out: Path, recipe: Recipe, stage: str, **fields: Any) -> TrainConfig:
     """A U-ViT training run of the recipe into ``out/stage``, on ``out/features``, resumable."""
-    from ..training.config import TrainConfig
-
     common = dict(
         data=str(out / "features"),
         output_dir=str(out / stage),
@@ -504,32 +506,29 @@ def _uvit(out: Path, recipe: Recipe) -> None:
     (out / "uvit" / "DONE").write_text("done\n")
 
 
-def tune_configs(out: Path, recipe: Recipe) -> list:
+def tune_configs(out: Path, recipe: Recipe) -> list[TrainConfig]:
     """The tune stage's training runs, in order: ``unidiffuser train --init-from OUT/uvit
     --clean-prob ...`` up to step ``tune_weigh_from``, then the same run resumed up to
     ``tune_steps`` with ``--loss-weight img=W``. A phase with no steps is left out."""
-    phases = [(min(recipe.tune_weigh_from, recipe.tune_steps), {})]
-    phases.append((recipe.tune_steps, {"img": recipe.tune_img_weight}))
-    configs, done = [], 0
-    for steps, weights in phases:
-        if steps > done:
-            configs.append(
-                _train_config(
-                    out,
-                    recipe,
-                    "tune",
-                    init_from=str(out / "uvit"),  # a run directory: the EMA of its newest checkpoint
-                    steps=steps,
-                    lr=recipe.tune_lr,
-                    warmup_steps=min(100, steps),
-                    decay_steps=min(recipe.tune_decay, steps - done),
-                    clean_prob=recipe.tune_clean_prob,
-                    loss_weights=weights,
-                    seed=recipe.seed + 1,  # its own data order and noise, not the uvit stage's again
-                )
-            )
-        done = max(done, steps)
-    return configs
+    middle = min(recipe.tune_weigh_from, recipe.tune_steps)
+    phases = [(0, middle, {}), (middle, recipe.tune_steps, {"img": recipe.tune_img_weight})]
+    return [
+        _train_config(
+            out,
+            recipe,
+            "tune",
+            init_from=str(out / "uvit"),  # a run directory: the EMA of its newest checkpoint
+            steps=end,
+            lr=recipe.tune_lr,
+            warmup_steps=min(100, end),
+            decay_steps=min(recipe.tune_decay, end - start),
+            clean_prob=recipe.tune_clean_prob,
+            loss_weights=weights,
+            seed=recipe.seed + 1,  # its own data order and noise, not the uvit stage's again
+        )
+        for start, end, weights in phases
+        if end > start
+    ]
 
 
 def _tune(out: Path, recipe: Recipe) -> None:
