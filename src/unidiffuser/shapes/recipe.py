@@ -88,15 +88,10 @@ class Recipe:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name in _MAY_BE_ZERO:
-                ok = value >= 0
-            elif isinstance(value, (int, float)) and f.name != "seed":
-                ok = value > 0
-            else:
-                ok = True
-            if not ok:
-                floor = ">= 0" if f.name in _MAY_BE_ZERO else "> 0"
-                raise ValueError(f"{f.name}={value}: expected {floor}")
+            if f.name == "seed" or isinstance(value, str):
+                continue
+            if value < 0 or (value == 0 and f.name not in _MAY_BE_ZERO):
+                raise ValueError(f"{f.name}={value}: expected {'>= 0' if f.name in _MAY_BE_ZERO else '> 0'}")
         if not 0.0 <= self.tune_clean_prob < 1.0:
             raise ValueError(
                 f"tune_clean_prob={self.tune_clean_prob}: expected a share in [0, 1), such as 0.5"
