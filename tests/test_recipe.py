@@ -9,8 +9,8 @@ import torch
 
 from unidiffuser.cli import main
 from unidiffuser.pipeline import UniDiffuser
-from unidiffuser.shapes import render, sample_scene
-from unidiffuser.shapes.evaluate import attribute_shares, evaluate, format_rows
+from unidiffuser.shapes import render, render_array, sample_scene
+from unidiffuser.shapes.evaluate import attribute_shares, evaluate, format_rows, read_images
 from unidiffuser.shapes.recipe import Recipe, parse_options, run_recipe, tune_configs
 from unidiffuser.shapes.vae_training import _batch, vae_loss
 from unidiffuser.shapes.world import Object, Scene
@@ -185,7 +185,26 @@ def test_eval_scores_every_mode(smoke_run):
     assert table.count("\n") == len(rows) + 1
     one_object = [r for r in rows if r.task in ("t2i, 1 object", "i2t, 1 object")]
     assert len(one_object) == 4 and all(r.extra.startswith("one object ") for r in one_object)
-    assert all(r.extra == "" for r in rows if r.task in ("t2i, 2 objects", "i2t, 2 objects"))
+    assert all(r.extra == "" for r in rows if r.task == "i2t, 2 objects")
+    pictures = [r for r in rows if r.task in ("t2i, 2 objects", "image variation", "joint")]
+    assert all(r.extra == "" or r.extra.startswith("not a scene ") for r in pictures)
+
+
+def test_read_images_says_why_pictures_show_no_scene():
+    scene = Scene((Object("circle", "red", "large", 1, 1),), "black")
+    third = Scene((Object("cross", "green", "small", 0, 2),), "black")
+    pair = Scene(
+        (Object("circle", "red", "small", 0, 0), Object("square", "blue", "small", 2, 0)), "black", "left of"
+    )
+    blank = np.zeros((32, 32, 3), np.uint8)
+    three = render_array(pair, 32).copy()
+    drawn = render_array(third, 32)
+    three[(drawn != 0).any(-1)] = drawn[(drawn != 0).any(-1)]
+    images = [render(scene, 32), blank, render(pair, 32), blank, three, blank, render(scene, 32), three]
+    scenes, line = read_images(images)
+    assert scenes == [scene, None, pair, None, None, None, scene, None]
+    assert line == "not a scene 0.62: no object 0.38, three or more objects 0.25"
+    assert read_images([render(scene, 32)]) == ([scene], "")
 
 
 def test_attribute_shares_say_which_attribute_went_wrong():

@@ -12,9 +12,11 @@ from unidiffuser.shapes import (
     BACKGROUNDS,
     COLOURS,
     HELD_OUT,
+    REJECTIONS,
     RELATIONS,
     SHAPES,
     SIZES,
+    NotAScene,
     Object,
     Scene,
     canonical,
@@ -25,6 +27,8 @@ from unidiffuser.shapes import (
     matches,
     parse_caption,
     parse_image,
+    read_image,
+    rejection,
     render,
     render_array,
     sample_scene,
@@ -421,7 +425,7 @@ def _paste(base, scene, size):
 
 
 @pytest.mark.parametrize("size", SIZES_PX)
-def test_parse_image_returns_none_for_what_is_not_a_scene(size):
+def test_parse_image_returns_none_for_what_is_not_a_scene_and_read_image_says_why(size):
     rng = np.random.default_rng(0)
     one = Scene((Object("circle", "red", "small", 0, 0),), "black")
     pair = Scene(
@@ -437,39 +441,58 @@ def test_parse_image_returns_none_for_what_is_not_a_scene(size):
     blue = (render_array(pair, size) == COLOURS["blue"]).all(-1)
     split = background_array("black", size).copy()
     split[:, size // 2 :] = 96
+    # name -> (array, the reason read_image gives)
     invalid = {
-        **{f"blank {bg}": background_array(bg, size) for bg in BACKGROUNDS},
-        **{f"solid {c}": np.full((size, size, 3), rgb, np.uint8) for c, rgb in COLOURS.items()},
-        "uniform noise": rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
-        "three objects": _paste(
-            render_array(pair, size), Scene((Object("cross", "green", "small", 1, 2),), "black"), size
+        **{f"blank {bg}": (background_array(bg, size), "no object") for bg in BACKGROUNDS},
+        **{
+            f"solid {c}": (np.full((size, size, 3), rgb, np.uint8), "no background")
+            for c, rgb in COLOURS.items()
+        },
+        "uniform noise": (rng.integers(0, 256, (size, size, 3), dtype=np.uint8), "no background"),
+        "three objects": (
+            _paste(
+                render_array(pair, size), Scene((Object("cross", "green", "small", 1, 2),), "black"), size
+            ),
+            "three or more objects",
         ),
-        "diagonal pair": _paste(
-            render_array(one, size), Scene((Object("square", "blue", "large", 2, 2),), "black"), size
+        "diagonal pair": (
+            _paste(render_array(one, size), Scene((Object("square", "blue", "large", 2, 2),), "black"), size),
+            "diagonal pair",
         ),
-        "one colour twice": np.where(
-            blue[..., None], np.array(COLOURS["red"], np.uint8), render_array(pair, size)
+        "one colour twice": (
+            np.where(blue[..., None], np.array(COLOURS["red"], np.uint8), render_array(pair, size)),
+            "one colour twice",
         ),
-        "large blob": blob,
-        "line": line,
-        "smooth random": np.asarray(smooth),
-        "two backgrounds": split,
+        "large blob": (blob, "unknown shape"),
+        "line": (line, "unknown shape"),
+        "smooth random": (np.asarray(smooth), "stray pixels"),
+        "two backgrounds": (split, "no background"),
     }
-    for colour in [
-        (255, 128, 0),
-        (128, 0, 255),
-        (128, 128, 128),
-        (140, 0, 0),
-        (140, 140, 140),
-    ]:  # off-palette or faint
+    for colour, reason in [
+        ((255, 128, 0), "off-palette object"),
+        ((128, 0, 255), "off-palette object"),
+        ((128, 128, 128), "faint object"),
+        ((140, 0, 0), "faint object"),
+        ((140, 140, 140), "faint object"),
+    ]:
         off = render_array(Scene((Object("square", "red", "large", 1, 1),), "black"), size).copy()
         off[(off != 0).any(-1)] = colour
-        invalid[f"object {colour}"] = off
-    for _ in range(20):
-        invalid[f"noise {_}"] = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        invalid[f"object {colour}"] = (off, reason)
+    for i in range(20):
+        invalid[f"noise {i}"] = (rng.integers(0, 256, (size, size, 3), dtype=np.uint8), "no background")
     assert parse_image(render_array(pair, size)) == pair  # the bases are valid
-    for name, array in invalid.items():
+    assert read_image(render_array(pair, size)) == pair and rejection(render_array(pair, size)) is None
+    for name, (array, reason) in invalid.items():
         assert parse_image(array) is None, name
+        assert rejection(array) == reason, name
+        with pytest.raises(NotAScene, match=reason):
+            read_image(array)
+    assert {reason for _, reason in invalid.values()} == set(REJECTIONS)  # every check is reached
+
+
+def test_not_a_scene_takes_only_known_reasons():
+    with pytest.raises(ValueError, match="reason='blurry': expected one of"):
+        NotAScene("blurry")
 
 
 def test_parse_image_rejects_what_is_not_an_image():

@@ -13,7 +13,7 @@ prompt against an image and a caption against an image.
 """
 
 from .captions import caption, normalize, parse_caption, templates
-from .parse import parse_image
+from .parse import REJECTIONS, NotAScene, parse_image, read_image, rejection
 from .world import (
     BACKGROUNDS,
     COLOURS,
@@ -40,10 +40,12 @@ __all__ = [
     "COLOURS",
     "HELD_OUT",
     "POSITIONS",
+    "REJECTIONS",
     "RELATIONS",
     "SHAPES",
     "SIZES",
     "SPLITS",
+    "NotAScene",
     "Object",
     "Scene",
     "canonical",
@@ -55,6 +57,8 @@ __all__ = [
     "normalize",
     "parse_caption",
     "parse_image",
+    "read_image",
+    "rejection",
     "render",
     "render_array",
     "sample_scene",

@@ -12,7 +12,9 @@ Each row is one task, one split and one guidance scale, scored on ``samples`` dr
 
 The one-object t2i and i2t rows also say what went wrong: the share of samples that parse as one
 object, and of samples whose shape, colour, size and cell each agree with the asked-for scene (a
-sample that does not parse counts as wrong on each).
+sample that does not parse counts as wrong on each). The other rows of generated images say why
+the images that show no scene show none (``parse.REJECTIONS``: one colour twice, a diagonal pair,
+three or more objects, ...).
 
 Conditional tasks are scored on ``seen`` scenes (shape-colour pairs of the training split) and
 ``held-out`` scenes (at least one pair never shown in training), one and two objects apart. The
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .captions import caption, parse_caption
-from .parse import parse_image
+from .parse import REJECTIONS, NotAScene, read_image
 from .world import Scene, canonical, exact, matches, render, sample_scene
 
 SPLITS = {"seen": "train", "held-out": "heldout"}
@@ -84,6 +86,25 @@ def _what_went_wrong(asked: Sequence[Scene], got: Sequence[Scene | None]) -> str
     return ", ".join(f"{name} {value:.2f}" for name, value in shares.items())
 
 
+def read_images(images: Sequence) -> tuple[list[Scene | None], str]:
+    """Each image's scene (None where it shows none), and why the others show none as a line of the
+    table: "not a scene 0.53: one colour twice 0.27, three or more objects 0.16, ..." (shares of all
+    the images, largest first; empty when every image parses)."""
+    scenes: list[Scene | None] = []
+    reasons: list[str] = []
+    for image in images:
+        try:
+            scenes.append(read_image(image))
+        except NotAScene as e:
+            scenes.append(None)
+            reasons.append(e.reason)
+    if not reasons:
+        return scenes, ""
+    counts = sorted(((reasons.count(r), r) for r in REJECTIONS if r in reasons), key=lambda c: -c[0])
+    parts = ", ".join(f"{r} {n / len(scenes):.2f}" for n, r in counts)
+    return scenes, f"not a scene {len(reasons) / len(scenes):.2f}: {parts}"
+
+
 def evaluate(
     pipe,
     *,
@@ -121,9 +142,9 @@ def evaluate(
                 scenes, prompts = _scenes(seed, split, k, samples)
                 images, _ = batched("text_to_image", prompts, guidance_scale=scale)
                 asked = [parse_caption(p) for p in prompts]
-                got = [parse_image(im) for im in images]
+                got, rejected = read_images(images)
                 ok = [matches(a, g) for a, g in zip(asked, got, strict=True)]
-                why = _what_went_wrong(asked, got)
+                why = _what_went_wrong(asked, got) if k == 1 else rejected
                 add(Row(f"t2i, {k} object{'s' * (k > 1)}", split_name, scale, samples, _share(ok), why))
 
                 renders = [render(s, size) for s in scenes]
@@ -136,21 +157,23 @@ def evaluate(
             scenes, prompts = _scenes(seed, split, None, samples)  # one or two objects
             renders = [render(s, size) for s in scenes]
             images, _ = batched("image_variation", renders, guidance_scale=scale)
-            ok = [exact(parse_image(im), s) for im, s in zip(images, scenes, strict=True)]
-            add(Row("image variation", split_name, scale, samples, _share(ok)))
+            got, rejected = read_images(images)
+            ok = [exact(g, s) for g, s in zip(got, scenes, strict=True)]
+            add(Row("image variation", split_name, scale, samples, _share(ok), rejected))
             _, texts = batched("text_variation", prompts, guidance_scale=scale)
             ok = [exact(parse_caption(t), parse_caption(p)) for t, p in zip(texts, prompts, strict=True)]
             add(Row("text variation", split_name, scale, samples, _share(ok)))
 
         images, texts = batched("joint", guidance_scale=scale)
-        ok = [exact(parse_caption(t), parse_image(im)) for t, im in zip(texts, images, strict=True)]
-        add(Row("joint", "-", scale, samples, _share(ok)))
+        got, rejected = read_images(images)
+        ok = [exact(parse_caption(t), g) for t, g in zip(texts, got, strict=True)]
+        add(Row("joint", "-", scale, samples, _share(ok), rejected))
 
     images, _ = batched("image")
-    parsed = [parse_image(im) for im in images]
+    parsed, rejected = read_images(images)
     distinct = len({canonical(s) for s in parsed if s is not None})
     add(Row("image (valid scene)", "-", None, samples, _share([s is not None for s in parsed]),
-            f"{distinct} distinct scenes"))  # fmt: skip
+            "; ".join(filter(None, [f"{distinct} distinct scenes", rejected]))))  # fmt: skip
     _, texts = batched("text")
     parsed_texts = [parse_caption(t) for t in texts]
     distinct = len({canonical(s) for s in parsed_texts if s is not None})
@@ -170,4 +193,12 @@ def format_rows(rows: Sequence[Row], header: bool = True) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ATTRIBUTES", "DEFAULT_GUIDANCE", "Row", "attribute_shares", "evaluate", "format_rows"]
+__all__ = [
+    "ATTRIBUTES",
+    "DEFAULT_GUIDANCE",
+    "Row",
+    "attribute_shares",
+    "evaluate",
+    "format_rows",
+    "read_images",
+]

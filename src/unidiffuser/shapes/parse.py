@@ -19,7 +19,9 @@ The steps, each tolerant of what a generator or a corruption does to a clean ren
    alpha 0.5, overlaps the object's pixels by less than half (intersection over union) means no
    scene. The fitted stamp's centre gives the cell; two cells give the relation.
 
-The result is a complete ``Scene`` in canonical orientation ("left of" or "above"), or None.
+The result is a complete ``Scene`` in canonical orientation ("left of" or "above"). Where there
+is none, ``read_image`` raises ``NotAScene`` with the check that failed (``REJECTIONS``), which is
+what tells a generator's failures apart; ``parse_image`` returns None.
 """
 
 from __future__ import annotations
@@ -238,19 +240,61 @@ def _classify(
     return shape, size_name, oy + centres[best][0] + 0.5, ox + centres[best][1] + 0.5
 
 
+# Why an image is not a scene, one reason per check of ``read_image``, in the order it checks them.
+REJECTIONS: tuple[str, ...] = (
+    "no background",  # no background of the world fits the image
+    "stray pixels",  # a blob of pixels that no colour and no mix with the background explains
+    "no object",
+    "three or more objects",
+    "off-palette object",  # an object whose colour is, on average, off every palette colour
+    "faint object",  # nowhere near full strength: a ghost
+    "unknown shape",  # no stamp of any shape and size fits the object
+    "one colour twice",
+    "diagonal pair",  # two objects that share neither a row nor a column of the grid
+)
+
+
+class NotAScene(Exception):
+    """An image that shows no scene of the world; ``reason`` is one of ``REJECTIONS``."""
+
+    def __init__(self, reason: str):
+        if reason not in REJECTIONS:
+            raise ValueError(f"reason={reason!r}: expected one of {REJECTIONS}")
+        super().__init__(reason)
+        self.reason = reason
+
+
 def parse_image(image: Image.Image | np.ndarray) -> Scene | None:
-    """The scene an image shows, or None if it shows no scene of this world.
+    """The scene an image shows, or None if it shows no scene of this world (``read_image`` says why).
 
     Args:
         image: a square RGB image of at least ``MIN_IMAGE_SIZE`` pixels: a PIL image (any mode is
             converted to RGB) or an (S, S, 3) array, integers in 0-255 or floats in 0-1.
 
-    Returns:
-        A complete scene in canonical orientation ("left of" or "above"), or None for no object,
-        more than two, two of one colour, two sharing neither row nor column, an unrecognisable
-        object, colour or background, or a blob of pixels that fit no colour.
+    Raises:
+        TypeError: not an image or an array.
+        ValueError: not square, too small, or not three channels.
+    """
+    try:
+        return read_image(image)
+    except NotAScene:
+        return None
+
+
+def rejection(image: Image.Image | np.ndarray) -> str | None:
+    """Why ``image`` shows no scene (one of ``REJECTIONS``), or None where it shows one."""
+    try:
+        read_image(image)
+    except NotAScene as e:
+        return e.reason
+    return None
+
+
+def read_image(image: Image.Image | np.ndarray) -> Scene:
+    """The scene an image shows: complete, in canonical orientation ("left of" or "above").
 
     Raises:
+        NotAScene: it shows none; its ``reason`` says which check failed (``REJECTIONS``).
         TypeError: not an image or an array.
         ValueError: not square, too small, or not three channels.
     """
@@ -258,38 +302,42 @@ def parse_image(image: Image.Image | np.ndarray) -> Scene | None:
     size = array.shape[0]
     pixels = _label_pixels(array)
     if pixels is None:
-        return None
+        raise NotAScene("no background")
     labels, alpha = pixels.labels, pixels.alpha
     smallest = min(int(shape_mask(s, "small", size).sum()) for s in SHAPES)
     # Strong noise leaves unexplained pixels scattered; an object of no palette colour leaves a blob.
     if any(len(ys) >= smallest for ys, _ in _components(pixels.unknown)):
-        return None
+        raise NotAScene("stray pixels")
     min_area = math.ceil(MIN_SPECK * smallest)
     found = []
     for c in np.unique(labels[labels >= 0]).tolist():
         for ys, xs in _components(labels == c):
             if len(ys) >= min_area:
                 found.append((c, ys, xs))
-    if not 1 <= len(found) <= 2:
-        return None
+    if not found:
+        raise NotAScene("no object")
+    if len(found) > 2:
+        raise NotAScene("three or more objects")
     objects = []
     cell = size / GRID
     for c, ys, xs in found:
         # Averaged over the object, noise cancels: what is left is how far its colour is off the palette.
         if np.linalg.norm(pixels.off_line[ys, xs, c].mean(0)) > MAX_MEAN_RESIDUAL:
-            return None
+            raise NotAScene("off-palette object")
         if alpha[ys, xs, c].max() < MIN_PEAK_ALPHA:  # a faint ghost, not an object
-            return None
+            raise NotAScene("faint object")
         own = np.where((labels >= 0) & (labels != c), 0.0, alpha[:, :, c])  # other objects do not count
         classified = _classify(own, ys, xs, size)
         if classified is None:
-            return None
+            raise NotAScene("unknown shape")
         shape, size_name, cy, cx = classified
         x, y = min(int(cx // cell), GRID - 1), min(int(cy // cell), GRID - 1)
         objects.append(Object(shape, _COLOUR_NAMES[c], size_name, max(x, 0), max(y, 0)))
     relation = None
     if len(objects) == 2:
         a, b = objects
+        if a.colour == b.colour:
+            raise NotAScene("one colour twice")
         if a.y == b.y and a.x != b.x:
             relation = "left of"
             objects.sort(key=lambda o: o.x)
@@ -297,8 +345,5 @@ def parse_image(image: Image.Image | np.ndarray) -> Scene | None:
             relation = "above"
             objects.sort(key=lambda o: o.y)
         else:
-            return None
-    try:
-        return Scene(tuple(objects), pixels.background, relation)
-    except ValueError:  # two objects of one colour
-        return None
+            raise NotAScene("diagonal pair")
+    return Scene(tuple(objects), pixels.background, relation)
