@@ -11,8 +11,15 @@ from unidiffuser.cli import main
 from unidiffuser.pipeline import UniDiffuser
 from unidiffuser.shapes import render, render_array, sample_scene
 from unidiffuser.shapes.evaluate import attribute_shares, evaluate, format_rows, read_images
-from unidiffuser.shapes.recipe import Recipe, parse_options, run_recipe, tune_configs
-from unidiffuser.shapes.vae_training import _batch, vae_loss
+from unidiffuser.shapes.recipe import (
+    SHAPES_DOWNSAMPLE,
+    Recipe,
+    network_config,
+    parse_options,
+    run_recipe,
+    tune_configs,
+)
+from unidiffuser.shapes.vae_training import SHAPES_VAE, _batch, vae_loss
 from unidiffuser.shapes.world import Object, Scene
 
 STAGES = ("tokenizers", "clip", "vae", "decoder", "components", "data", "features", "uvit", "tune", "model")
@@ -153,11 +160,22 @@ def test_set_refuses_what_is_no_option(pairs, message):
         ({"ema_decay": 1.0}, r"ema_decay=1.0: expected a value in \(0, 1\)"),
         ({"uvit_width": 100, "uvit_heads": 3}, r"uvit_width=100: expected a multiple of uvit_heads=3"),
         ({"precision": "fp8"}, r"precision='fp8': expected one of \('no', 'bf16', 'fp16'\)"),
+        ({"uvit_image_tokens": 3}, r"image_size=64, uvit_image_tokens=3: the 4x smaller latent must split"),
+        ({"image_size": 40, "uvit_image_tokens": 4}, r"image_size=40, uvit_image_tokens=4"),
     ],
 )
 def test_a_recipe_refuses_bad_options_before_any_stage_runs(options, message):
     with pytest.raises(ValueError, match=message):
         Recipe.full(**options)
+
+
+@pytest.mark.parametrize("tokens", [2, 4, 8])
+def test_the_image_is_cut_into_uvit_image_tokens_patches_a_side(tokens):
+    side = Recipe.full().image_size // SHAPES_DOWNSAMPLE
+    assert side == Recipe.full().image_size // SHAPES_VAE.downsample  # the recipe knows the VAE's factor
+    config = network_config(Recipe.full(uvit_image_tokens=tokens), 16, 64, 24, side)
+    img = config.modality("img")
+    assert img.shape == (4, side, side) and img.patch_size * tokens == side
 
 
 def test_the_model_has_the_worlds_sizes_and_samples(smoke_run):

@@ -36,6 +36,7 @@ import numpy as np
 from ..training.config import MIXED_PRECISION, TrainConfig
 from .stage import write_text_atomic
 
+SHAPES_DOWNSAMPLE = 4  # the shapes autoencoder's pixels per latent pixel a side (vae_training.SHAPES_VAE)
 STAGES = ("tokenizers", "clip", "vae", "decoder", "components", "data", "features", "uvit", "tune", "model")
 SHAPES_PROMPTS = (
     "a big red circle in the center",
@@ -64,6 +65,8 @@ class Recipe:
     uvit_width: int = 192
     uvit_depth: int = 8
     uvit_heads: int = 4
+    # The latent (image_size / 4 a side) cut into this many patches a side: 4 gives 16 image tokens.
+    uvit_image_tokens: int = 4
     uvit_steps: int = 35_000
     uvit_batch: int = 64
     uvit_lr: float = 3e-4
@@ -101,6 +104,13 @@ class Recipe:
         if self.uvit_width % self.uvit_heads:
             raise ValueError(
                 f"uvit_width={self.uvit_width}: expected a multiple of uvit_heads={self.uvit_heads}"
+            )
+        latent_side = self.image_size // SHAPES_DOWNSAMPLE
+        if self.image_size % SHAPES_DOWNSAMPLE or latent_side % self.uvit_image_tokens:
+            raise ValueError(
+                f"image_size={self.image_size}, uvit_image_tokens={self.uvit_image_tokens}: the "
+                f"{SHAPES_DOWNSAMPLE}x smaller latent must split into uvit_image_tokens patches a side "
+                f"(with image_size 64, use 1, 2, 4, 8 or 16)"
             )
         if self.precision not in MIXED_PRECISION:
             raise ValueError(f"precision={self.precision!r}: expected one of {MIXED_PRECISION}")
@@ -179,8 +189,8 @@ def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
 
 
 def network_config(recipe: Recipe, prefix_dim: int, clip_dim: int, text_length: int, latent_side: int):
-    """The U-ViT of the shapes model: the 16 x 16 x 4 latent in 4 x 4 patches (16 tokens), one CLIP
-    token, the (24, 16) text latent."""
+    """The U-ViT of the shapes model: the 16 x 16 x 4 latent in ``uvit_image_tokens`` patches a side
+    (the shipped model: 4 x 4 patches of 4 x 4, 16 tokens), one CLIP token, the (24, 16) text latent."""
     from ..network import image_text_config
 
     return image_text_config(
@@ -191,7 +201,7 @@ def network_config(recipe: Recipe, prefix_dim: int, clip_dim: int, text_length: 
         depth=recipe.uvit_depth,
         num_heads=recipe.uvit_heads,
         data_type=False,
-        patch_size=max(1, latent_side // 4),
+        patch_size=latent_side // recipe.uvit_image_tokens,
     )
 
 
