@@ -55,11 +55,12 @@ def test_the_model_holds_the_tuned_network(smoke_run):
     assert config["clean_prob"] == recipe.tune_clean_prob > 0
     assert config["mixed_precision"] == recipe.precision
     assert config["init_from"] == str(out / "uvit") and config["seed"] == recipe.seed + 1
-    assert config["steps"] == recipe.tune_steps and config["loss_weights"] == {"img": recipe.tune_img_weight}
+    weights = {"img": recipe.tune_img_weight, "text": recipe.tune_text_weight}
+    assert config["steps"] == recipe.tune_steps and config["loss_weights"] == weights
     assert latest_checkpoint(out / "tune" / "checkpoints").step == recipe.tune_steps
-    # the weighted phase resumed the plain one: the plain phase's last checkpoint is still its own
-    first = json.loads((out / "tune" / "checkpoints" / "step_000002" / "state.json").read_text())
-    assert first["config"]["loss_weights"] == {} and recipe.tune_weigh_from == 2
+    # the last phase resumed the image-weighted one: that phase's last checkpoint is still its own
+    second = json.loads((out / "tune" / "checkpoints" / "step_000003" / "state.json").read_text())
+    assert second["config"]["loss_weights"] == {"img": recipe.tune_img_weight} and recipe.tune_text_from == 3
     shipped = load_file(str(model / "network.safetensors"))
     tuned = load_weights(latest_checkpoint(out / "tune" / "checkpoints"))
     base = load_weights(latest_checkpoint(out / "uvit" / "checkpoints"))
@@ -67,18 +68,28 @@ def test_the_model_holds_the_tuned_network(smoke_run):
     assert any(not torch.equal(tuned[k], base[k]) for k in base)
 
 
+IMG, BOTH = {"img": 10.0}, {"img": 10.0, "text": 3.0}
+
+
 @pytest.mark.parametrize(
-    ("steps", "weigh_from", "phases"),
+    ("steps", "weigh_from", "text_from", "phases"),
     [
-        (16, 8, [(8, {}), (16, {"img": 10.0})]),
-        (16, 0, [(16, {"img": 10.0})]),
-        (16, 16, [(16, {})]),
-        (16, 20, [(16, {})]),
-        (0, 8, []),
+        (16, 8, 12, [(8, {}), (12, IMG), (16, BOTH)]),
+        (16, 0, 12, [(12, IMG), (16, BOTH)]),
+        (16, 0, 0, [(16, BOTH)]),
+        (16, 8, 8, [(8, {}), (16, BOTH)]),
+        (16, 8, 16, [(8, {}), (16, IMG)]),
+        (16, 8, 20, [(8, {}), (16, IMG)]),
+        (16, 16, 16, [(16, {})]),
+        (16, 20, 24, [(16, {})]),
+        (0, 8, 12, []),
     ],
 )
-def test_the_tune_stage_weighs_the_image_from_its_second_phase(tmp_path, steps, weigh_from, phases):
-    recipe = Recipe.full(tune_steps=steps, tune_weigh_from=weigh_from, tune_img_weight=10.0, tune_decay=4)
+def test_the_tune_stage_weighs_the_image_then_the_text_too(tmp_path, steps, weigh_from, text_from, phases):
+    recipe = Recipe.full(
+        tune_steps=steps, tune_weigh_from=weigh_from, tune_text_from=text_from, tune_img_weight=10.0,
+        tune_text_weight=3.0, tune_decay=4,
+    )  # fmt: skip
     configs = tune_configs(tmp_path, recipe)
     assert [(c.steps, dict(c.loss_weights)) for c in configs] == phases
     assert all(c.output_dir == str(tmp_path / "tune") and c.resume and c.decay_steps == 4 for c in configs)
@@ -160,6 +171,7 @@ def test_set_refuses_what_is_no_option(pairs, message):
         ({"ema_decay": 1.0}, r"ema_decay=1.0: expected a value in \(0, 1\)"),
         ({"uvit_width": 100, "uvit_heads": 3}, r"uvit_width=100: expected a multiple of uvit_heads=3"),
         ({"precision": "fp8"}, r"precision='fp8': expected one of \('no', 'bf16', 'fp16'\)"),
+        ({"tune_weigh_from": 9, "tune_text_from": 8}, r"tune_text_from=8: expected >= tune_weigh_from=9"),
         ({"uvit_image_tokens": 3}, r"image_size=64, uvit_image_tokens=3: the 4x smaller latent must split"),
         ({"image_size": 40, "uvit_image_tokens": 4}, r"image_size=40, uvit_image_tokens=4"),
     ],

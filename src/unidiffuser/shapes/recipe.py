@@ -12,11 +12,12 @@ interrupted one continues from its last checkpoint):
     features/     the frozen encoders' features of data/              (unidiffuser extract)
     uvit/         the U-ViT, trained on features/                     (unidiffuser train)
     tune/         the U-ViT fine-tuned with clean conditions; its     (unidiffuser train --clean-prob,
-                  second phase weighs the image latent's loss up      then also --loss-weight img=W)
+                  second phase weighs the image latent's loss up,     then also --loss-weight img=W,
+                  its third the text latent's too                     then also text=V)
     model/        the finished model: components/ with the tuned U-ViT's EMA weights
     recipe.json   the options, and each stage's seconds and device
 
-``Recipe.full()`` is the shipped model's recipe (8.7 hours on 2 CPU cores, nearly all of it the
+``Recipe.full()`` is the shipped model's recipe (9.7 hours on 2 CPU cores, nearly all of it the
 U-ViT; the README lists each stage's measured time); ``Recipe.smoke()`` runs every stage for a few
 steps, for tests.
 """
@@ -75,15 +76,18 @@ class Recipe:
     ema_decay: float = 0.999
     # The tune stage: from the U-ViT's EMA, with one group clean in tune_clean_prob of the examples
     # (objective.py); a constant rate after 100 warm-up steps, lowered to 0 over the last tune_decay
-    # of each phase. Two phases: every modality weighs the same until step tune_weigh_from, then the
+    # of each phase. Three phases: every modality weighs the same until step tune_weigh_from, then the
     # image latent's loss weighs tune_img_weight (the shape of an object is a few latent pixels, so
-    # its share of a plain loss is small).
-    tune_steps: int = 16_000
+    # its share of a plain loss is small), and from step tune_text_from the text latent's loss also
+    # weighs tune_text_weight (so the caption rows do not pay for the picture rows).
+    tune_steps: int = 20_000
     tune_clean_prob: float = 0.5
     tune_lr: float = 1e-4
     tune_decay: int = 1500
     tune_weigh_from: int = 8000
     tune_img_weight: float = 10.0
+    tune_text_from: int = 16_000
+    tune_text_weight: float = 3.0
     checkpoint_every: int = 500
     precision: str = "no"  # the U-ViT runs' mixed precision: "no", or "bf16"/"fp16" on a GPU
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
@@ -104,6 +108,11 @@ class Recipe:
         if self.uvit_width % self.uvit_heads:
             raise ValueError(
                 f"uvit_width={self.uvit_width}: expected a multiple of uvit_heads={self.uvit_heads}"
+            )
+        if self.tune_text_from < self.tune_weigh_from:
+            raise ValueError(
+                f"tune_text_from={self.tune_text_from}: expected >= tune_weigh_from={self.tune_weigh_from} "
+                "(the text weight joins the image weight)"
             )
         latent_side = self.image_size // SHAPES_DOWNSAMPLE
         if self.image_size % SHAPES_DOWNSAMPLE or latent_side % self.uvit_image_tokens:
@@ -141,12 +150,13 @@ class Recipe:
             tune_steps=4,
             tune_decay=1,
             tune_weigh_from=2,
+            tune_text_from=3,
             checkpoint_every=2,
         )
         return cls(**{**small, **overrides})
 
 
-_MAY_BE_ZERO = ("tune_steps", "tune_decay", "tune_weigh_from", "uvit_decay", "threads")
+_MAY_BE_ZERO = ("tune_steps", "tune_decay", "tune_weigh_from", "tune_text_from", "uvit_decay", "threads")
 # Options with flags of their own on `unidiffuser recipe`, so not set with --set.
 _FLAGGED = ("seed", "device", "threads")
 
@@ -514,9 +524,16 @@ def _uvit(out: Path, recipe: Recipe) -> None:
 def tune_configs(out: Path, recipe: Recipe) -> list[TrainConfig]:
     """The tune stage's training runs, in order: ``unidiffuser train --init-from OUT/uvit
     --clean-prob ...`` up to step ``tune_weigh_from``, then the same run resumed up to
-    ``tune_steps`` with ``--loss-weight img=W``. A phase with no steps is left out."""
-    middle = min(recipe.tune_weigh_from, recipe.tune_steps)
-    phases = [(0, middle, {}), (middle, recipe.tune_steps, {"img": recipe.tune_img_weight})]
+    ``tune_text_from`` with ``--loss-weight img=W``, then up to ``tune_steps`` with
+    ``--loss-weight img=W --loss-weight text=V``. A phase with no steps is left out."""
+    img = min(recipe.tune_weigh_from, recipe.tune_steps)
+    text = min(recipe.tune_text_from, recipe.tune_steps)
+    image = {"img": recipe.tune_img_weight}
+    phases = [
+        (0, img, {}),
+        (img, text, image),
+        (text, recipe.tune_steps, {**image, "text": recipe.tune_text_weight}),
+    ]
     return [
         _train_config(
             out,
