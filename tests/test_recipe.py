@@ -172,8 +172,12 @@ def test_set_refuses_what_is_no_option(pairs, message):
         ({"uvit_width": 100, "uvit_heads": 3}, r"uvit_width=100: expected a multiple of uvit_heads=3"),
         ({"precision": "fp8"}, r"precision='fp8': expected one of \('no', 'bf16', 'fp16'\)"),
         ({"tune_weigh_from": 9, "tune_text_from": 8}, r"tune_text_from=8: expected >= tune_weigh_from=9"),
-        ({"uvit_image_tokens": 3}, r"image_size=64, uvit_image_tokens=3: the 4x smaller latent must split"),
-        ({"image_size": 40, "uvit_image_tokens": 4}, r"image_size=40, uvit_image_tokens=4"),
+        (
+            {"uvit_image_tokens": 3},
+            r"image_size=64, uvit_image_tokens=3: the 4x smaller latent \(16 a side\) .*; use one of \[1, 2, 4, 8, 16\]",
+        ),
+        ({"image_size": 40, "uvit_image_tokens": 4}, r"latent \(10 a side\) .*; use one of \[1, 2, 5, 10\]"),
+        ({"image_size": 66}, r"image_size=66: expected a multiple of 4"),
     ],
 )
 def test_a_recipe_refuses_bad_options_before_any_stage_runs(options, message):

@@ -13,7 +13,7 @@ prompt against an image and a caption against an image.
 """
 
 from .captions import caption, normalize, parse_caption, templates
-from .parse import REJECTIONS, NotAScene, parse_image, read_image, rejection
+from .parse import REJECTIONS, NotAScene, parse_image, read_image
 from .world import (
     BACKGROUNDS,
     COLOURS,
@@ -58,7 +58,6 @@ __all__ = [
     "parse_caption",
     "parse_image",
     "read_image",
-    "rejection",
     "render",
     "render_array",
     "sample_scene",

@@ -281,15 +281,6 @@ def parse_image(image: Image.Image | np.ndarray) -> Scene | None:
         return None
 
 
-def rejection(image: Image.Image | np.ndarray) -> str | None:
-    """Why ``image`` shows no scene (one of ``REJECTIONS``), or None where it shows one."""
-    try:
-        read_image(image)
-    except NotAScene as e:
-        return e.reason
-    return None
-
-
 def read_image(image: Image.Image | np.ndarray) -> Scene:
     """The scene an image shows: complete, in canonical orientation ("left of" or "above").
 

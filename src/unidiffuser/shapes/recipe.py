@@ -114,12 +114,15 @@ class Recipe:
                 f"tune_text_from={self.tune_text_from}: expected >= tune_weigh_from={self.tune_weigh_from} "
                 "(the text weight joins the image weight)"
             )
-        latent_side = self.image_size // SHAPES_DOWNSAMPLE
-        if self.image_size % SHAPES_DOWNSAMPLE or latent_side % self.uvit_image_tokens:
+        latent_side, rest = divmod(self.image_size, SHAPES_DOWNSAMPLE)
+        if rest:
+            raise ValueError(f"image_size={self.image_size}: expected a multiple of {SHAPES_DOWNSAMPLE}")
+        if latent_side % self.uvit_image_tokens:
+            fits = [n for n in range(1, latent_side + 1) if latent_side % n == 0]
             raise ValueError(
                 f"image_size={self.image_size}, uvit_image_tokens={self.uvit_image_tokens}: the "
-                f"{SHAPES_DOWNSAMPLE}x smaller latent must split into uvit_image_tokens patches a side "
-                f"(with image_size 64, use 1, 2, 4, 8 or 16)"
+                f"{SHAPES_DOWNSAMPLE}x smaller latent ({latent_side} a side) must split into "
+                f"uvit_image_tokens patches a side; use one of {fits}"
             )
         if self.precision not in MIXED_PRECISION:
             raise ValueError(f"precision={self.precision!r}: expected one of {MIXED_PRECISION}")
