@@ -289,3 +289,49 @@ def test_the_vae_loss_weighs_object_pixels():
     same, _ = vae_loss(vae, x, 0.0, torch.Generator().manual_seed(0), background_only)
     assert torch.isclose(same, plain, rtol=1e-5)
     assert np.isfinite(float(weighted.detach()))
+
+
+def _tensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_frozen_from_takes_the_parts_of_a_model_and_trains_a_fresh_uvit(smoke_run, tmp_path):
+    _, source, _ = smoke_run
+    lines: list[str] = []
+    model = run_recipe(tmp_path, Recipe.smoke(threads=1, frozen_from=str(source)), log=lines.append)
+    assert lines[:4] == [f"[{s}] taken from {source}" for s in STAGES[:4]]
+    assert [line for line in lines if line.endswith("running")] == [f"[{s}] running" for s in STAGES[4:]]
+    assert not (tmp_path / "clip").exists() and not (tmp_path / "vae").exists()
+    for part in ("autoencoder.safetensors", "caption_decoder.safetensors"):
+        mine, theirs = _tensors(model / part), _tensors(source / part)
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    fresh, trained = (
+        _tensors(tmp_path / "components" / "network.safetensors"),
+        _tensors(source / "network.safetensors"),
+    )
+    assert any(not torch.equal(fresh[k], trained[k]) for k in fresh)
+    pipe = UniDiffuser.from_pretrained(model)
+    assert pipe.text_to_image("a big red circle in the center", steps=2, seed=0).images[0].size == (64, 64)
+    # its folder remembers where the parts came from
+    with pytest.raises(ValueError, match=r"other options \(frozen_from\)"):
+        run_recipe(tmp_path, Recipe.smoke(threads=1), log=lambda _: None)
+
+
+def test_frozen_from_refuses_a_missing_model_or_another_picture_size(smoke_run, tmp_path):
+    from unidiffuser.shapes.recipe import frozen_source
+    from unidiffuser.shipped import shipped_model_dir
+
+    assert frozen_source("shipped") == shipped_model_dir()
+    with pytest.raises(FileNotFoundError, match=r"--frozen-from .*nowhere: no unidiffuser.json there"):
+        run_recipe(tmp_path / "a", Recipe.smoke(frozen_from=str(tmp_path / "nowhere")), log=lambda _: None)
+    assert not (tmp_path / "a" / "components").exists()
+    with pytest.raises(SystemExit, match=r"unidiffuser recipe: --frozen-from nowhere: no unidiffuser.json"):
+        main(["recipe", "shapes", "--out", str(tmp_path / "c"), "--smoke", "--frozen-from", "nowhere"])
+    _, source, _ = smoke_run
+    recipe = Recipe.smoke(threads=1, frozen_from=str(source), image_size=32, uvit_image_tokens=2)
+    with pytest.raises(
+        ValueError, match=r"made for 64 px pictures, .* image_size is 32; use --set image_size=64"
+    ):
+        run_recipe(tmp_path / "b", recipe, log=lambda _: None)

@@ -19,7 +19,13 @@ def cmd_recipe(args: argparse.Namespace) -> int:
     make = Recipe.smoke if args.smoke else Recipe.full
     device = str(device_option(args.device, "unidiffuser recipe"))
     try:
-        recipe = make(seed=args.seed, device=device, threads=args.threads, **parse_options(args.set))
+        recipe = make(
+            seed=args.seed,
+            device=device,
+            threads=args.threads,
+            frozen_from=args.frozen_from or "",
+            **parse_options(args.set),
+        )
     except ValueError as err:
         raise SystemExit(f"unidiffuser recipe: {err}") from None
     start = time.perf_counter()
@@ -93,6 +99,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     r.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     r.add_argument("--smoke", action="store_true", help="every stage for a few steps (checks the plumbing)")
+    r.add_argument(
+        "--frozen-from", default=None, metavar="MODEL",
+        help="take the tokenizers, CLIP, autoencoder and caption decoder from this shapes model "
+        "(a folder, or 'shipped') instead of training them; the U-ViT is still trained from --seed",
+    )  # fmt: skip
     r.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="change one recipe option (repeat for several), such as uvit_steps=100000 or precision=bf16; "

@@ -7,7 +7,8 @@ interrupted one continues from its last checkpoint):
     clip/         a small CLIP, trained contrastively                 (shapes.clip_training)
     vae/          a small AutoencoderKL, 64 px -> 16 x 16 x 4           (shapes.vae_training)
     decoder/      the caption decoder on the CLIP text features       (unidiffuser train-decoder)
-    components/   those four with an untrained U-ViT, in our model format
+    components/   those four with an untrained U-ViT, in our model format (with --frozen-from
+                  MODEL the four stages above are skipped and MODEL's parts are used)
     data/         rendered train-split scenes, one PNG and one .txt caption each
     features/     the frozen encoders' features of data/              (unidiffuser extract)
     uvit/         the U-ViT, trained on features/                     (unidiffuser train)
@@ -39,6 +40,7 @@ from .stage import write_text_atomic
 
 SHAPES_DOWNSAMPLE = 4  # the shapes autoencoder's pixels per latent pixel a side (vae_training.SHAPES_VAE)
 STAGES = ("tokenizers", "clip", "vae", "decoder", "components", "data", "features", "uvit", "tune", "model")
+FROZEN_STAGES = STAGES[:4]  # what --frozen-from takes from another model instead of training
 SHAPES_PROMPTS = (
     "a big red circle in the center",
     "a small blue square at the top left",
@@ -91,6 +93,9 @@ class Recipe:
     checkpoint_every: int = 500
     precision: str = "no"  # the U-ViT runs' mixed precision: "no", or "bf16"/"fp16" on a GPU
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
+    # Take the tokenizers, CLIP, autoencoder and caption decoder from this model ("shipped" or a
+    # folder) instead of training them; the U-ViT is still trained from the seed. "" trains them all.
+    frozen_from: str = ""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -161,7 +166,7 @@ class Recipe:
 
 _MAY_BE_ZERO = ("tune_steps", "tune_decay", "tune_weigh_from", "tune_text_from", "uvit_decay", "threads")
 # Options with flags of their own on `unidiffuser recipe`, so not set with --set.
-_FLAGGED = ("seed", "device", "threads")
+_FLAGGED = ("seed", "device", "threads", "frozen_from")
 
 
 def _settable() -> list[dataclasses.Field]:
@@ -304,18 +309,26 @@ def run_recipe(
     stages = _Stages(out, recipe, log, only)
     paths = {name: out / name for name in ("tokenizers", "clip", "vae", "decoder", "components")}
 
-    stages.run(
-        "tokenizers",
-        lambda: (paths["tokenizers"] / "gpt2" / "tokenizer.json").is_file(),
-        lambda: _tokenizers(paths["tokenizers"], recipe),
-    )
-    stages.run(
-        "clip", lambda: (paths["clip"] / "clip_training.json").is_file(), lambda: _clip(paths["clip"], recipe)
-    )
-    stages.run(
-        "vae", lambda: (paths["vae"] / "vae_training.json").is_file(), lambda: _vae(paths["vae"], recipe)
-    )
-    stages.run("decoder", lambda: (paths["decoder"] / "DONE").is_file(), lambda: _decoder(out, recipe))
+    if recipe.frozen_from:
+        source = frozen_source(recipe.frozen_from)  # before any stage runs
+        for name in FROZEN_STAGES:
+            if only is None or name in only:
+                log(f"[{name}] taken from {source}")
+    else:
+        stages.run(
+            "tokenizers",
+            lambda: (paths["tokenizers"] / "gpt2" / "tokenizer.json").is_file(),
+            lambda: _tokenizers(paths["tokenizers"], recipe),
+        )
+        stages.run(
+            "clip",
+            lambda: (paths["clip"] / "clip_training.json").is_file(),
+            lambda: _clip(paths["clip"], recipe),
+        )
+        stages.run(
+            "vae", lambda: (paths["vae"] / "vae_training.json").is_file(), lambda: _vae(paths["vae"], recipe)
+        )
+        stages.run("decoder", lambda: (paths["decoder"] / "DONE").is_file(), lambda: _decoder(out, recipe))
     stages.run(
         "components",
         lambda: (paths["components"] / "unidiffuser.json").is_file(),
@@ -415,21 +428,61 @@ def _decoder(out: Path, recipe: Recipe) -> None:
     (out / "decoder" / "DONE").write_text("done\n")
 
 
+def frozen_source(frozen_from: str) -> Path:
+    """The model folder ``--frozen-from`` names: ``shipped`` or a path.
+
+    Raises:
+        FileNotFoundError: no model folder there.
+    """
+    from ..shipped import shipped_model_dir
+
+    if frozen_from == "shipped":
+        return shipped_model_dir()
+    path = Path(frozen_from)
+    if not (path / "unidiffuser.json").is_file():
+        raise FileNotFoundError(
+            f"--frozen-from {frozen_from}: no unidiffuser.json there; give a shapes model folder "
+            "(one `unidiffuser recipe` wrote as DIR/model, or `shipped`)"
+        )
+    return path
+
+
+def _frozen_parts(out: Path, recipe: Recipe) -> tuple:
+    """The autoencoder, CLIP image and text encoders and caption decoder of the model: trained by
+    the earlier stages, or taken from the model ``recipe.frozen_from`` names."""
+    if not recipe.frozen_from:
+        from ..components.autoencoder import ImageAutoencoder
+        from ..components.clip import ClipImageEmbedder, ClipTextEncoder
+        from ..training.checkpoint import latest_checkpoint
+        from ..training.decoder import DECODER_FORMAT, load_decoder_checkpoint
+
+        last = latest_checkpoint(out / "decoder" / "checkpoints", kind=DECODER_FORMAT)
+        return (
+            ImageAutoencoder.load(out / "vae" / "autoencoder.safetensors"),
+            ClipImageEmbedder.from_pretrained_dir(out / "clip" / "image_encoder"),
+            ClipTextEncoder.from_pretrained_dir(out / "clip" / "text_encoder"),
+            load_decoder_checkpoint(last.path).frozen(),
+        )
+    from ..pipeline import UniDiffuser
+
+    source = UniDiffuser.from_pretrained(frozen_source(recipe.frozen_from))
+    made_for = source.network.config.modality("img").shape[-1] * source.autoencoder.config.downsample
+    if made_for != recipe.image_size:
+        raise ValueError(
+            f"--frozen-from {recipe.frozen_from}: its autoencoder is made for {made_for} px pictures, "
+            f"the recipe's image_size is {recipe.image_size}; use --set image_size={made_for}"
+        )
+    return source.autoencoder, source.image_encoder, source.text_encoder, source.caption_decoder
+
+
 def _components(out: Path, recipe: Recipe) -> None:
+    """The frozen parts with a U-ViT fresh from the recipe's seed, in our model format."""
     import torch
 
-    from ..components.autoencoder import ImageAutoencoder
-    from ..components.clip import ClipImageEmbedder, ClipTextEncoder
     from ..network import UViT
     from ..pipeline import UniDiffuser
-    from ..training.checkpoint import latest_checkpoint
-    from ..training.decoder import DECODER_FORMAT, load_decoder_checkpoint
 
-    image_encoder = ClipImageEmbedder.from_pretrained_dir(out / "clip" / "image_encoder")
-    text_encoder = ClipTextEncoder.from_pretrained_dir(out / "clip" / "text_encoder")
-    last = latest_checkpoint(out / "decoder" / "checkpoints", kind=DECODER_FORMAT)
-    decoder = load_decoder_checkpoint(last.path).frozen()
-    autoencoder = ImageAutoencoder.load(out / "vae" / "autoencoder.safetensors")
+    autoencoder, image_encoder, text_encoder, decoder = _frozen_parts(out, recipe)
     config = network_config(
         recipe,
         decoder.config.prefix_dim,
@@ -576,10 +629,12 @@ def _model(out: Path, recipe: Recipe) -> None:
 
 
 __all__ = [
+    "FROZEN_STAGES",
     "SHAPES_PROMPTS",
     "STAGES",
     "Recipe",
     "decoder_architecture",
+    "frozen_source",
     "network_config",
     "parse_options",
     "recipe_options",
