@@ -46,6 +46,7 @@ result = train(replace(sharded, resume=True))
 rank = torch.distributed.get_rank()
 torch.save(result.model.state_dict(), f"{out}/model{rank}.pt")
 torch.save(result.ema.state_dict(), f"{out}/ema{rank}.pt")
+torch.distributed.barrier()  # as `unidiffuser train` does: both done before either tears down
 torch.distributed.destroy_process_group()
 """
 

@@ -189,6 +189,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     try:
         result = train(config)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # no process closes its connections while another still uses them
     except ValueError as e:
         print(f"unidiffuser train: error: {e}", file=sys.stderr)
         return 2
