@@ -112,6 +112,38 @@ def test_the_command_says_what_it_made(smoke_run, capsys):
     assert capsys.readouterr().out.startswith(f"wrote {model} (")
 
 
+def test_preset_smoke_is_smoke_and_a_preset_may_not_be_given_twice(smoke_run, capsys):
+    out, model, _ = smoke_run
+    # the smoke run's folder resumes only under the same options: --preset smoke has them
+    assert main(["recipe", "shapes", "--out", str(out), "--preset", "smoke", "--threads", "1"]) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {model} (")
+    with pytest.raises(SystemExit, match=r"other options \(.*uvit_steps"):
+        main(["recipe", "shapes", "--out", str(out), "--preset", "hour", "--threads", "1"])
+    with pytest.raises(SystemExit, match=r"--smoke means --preset smoke; give one of them"):
+        main(["recipe", "shapes", "--out", str(out), "--preset", "hour", "--smoke"])
+
+
+def test_the_hour_preset_is_a_smaller_run_of_the_same_stages(tmp_path):
+    full, hour = Recipe.full(), Recipe.hour()
+    shorter = (
+        "clip_steps",
+        "vae_steps",
+        "decoder_steps",
+        "examples",
+        "uvit_width",
+        "uvit_steps",
+        "tune_steps",
+    )
+    assert all(getattr(hour, name) < getattr(full, name) for name in shorter)
+    assert (hour.image_size, hour.uvit_image_tokens) == (full.image_size, full.uvit_image_tokens)
+    # its tune is one run with both loss weights from its first step
+    configs = tune_configs(tmp_path, hour)
+    assert [(c.steps, dict(c.loss_weights)) for c in configs] == [(7000, {"img": 10.0, "text": 3.0})]
+    assert Recipe.hour(uvit_steps=9).uvit_steps == 9  # --set still applies on top of a preset
+    # the EMA forgets the random start: less than 0.1% of it is left at the end of the uvit stage
+    assert hour.ema_decay**hour.uvit_steps < 1e-3
+
+
 def test_other_options_are_refused(smoke_run):
     out, _, _ = smoke_run
     with pytest.raises(ValueError, match=r"other options \(uvit_steps\)"):

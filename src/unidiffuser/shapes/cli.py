@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from .recipe import STAGES, recipe_options
+from .recipe import PRESETS, STAGES, recipe_options
 
 WORLDS = ("shapes",)
 
@@ -14,9 +14,13 @@ WORLDS = ("shapes",)
 def cmd_recipe(args: argparse.Namespace) -> int:
     """Train every component of the shapes model from a seed into --out (resumable: rerun to continue)."""
     from ..devices import device_option
-    from .recipe import Recipe, parse_options, run_recipe
+    from .recipe import PRESETS, parse_options, run_recipe
 
-    make = Recipe.smoke if args.smoke else Recipe.full
+    if args.smoke and args.preset not in ("full", "smoke"):
+        raise SystemExit(
+            f"unidiffuser recipe: --smoke means --preset smoke; give one of them, not --smoke with --preset {args.preset}"
+        )
+    make = PRESETS["smoke" if args.smoke else args.preset]
     device = str(device_option(args.device, "unidiffuser recipe"))
     try:
         recipe = make(
@@ -98,7 +102,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--seed", type=int, default=0, help="seed of every stage")
     r.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     r.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    r.add_argument("--smoke", action="store_true", help="every stage for a few steps (checks the plumbing)")
+    r.add_argument(
+        "--preset", choices=PRESETS, default="full",
+        help="full: the shipped model's recipe (about 11.6 hours on 2 CPU cores); hour: a smaller, weaker "
+        "model in about an hour there; smoke: every stage for a few steps (checks the plumbing)",
+    )  # fmt: skip
+    r.add_argument("--smoke", action="store_true", help="the same as --preset smoke")
     r.add_argument(
         "--frozen-from", default=None, metavar="MODEL",
         help="take the tokenizers, CLIP, autoencoder and caption decoder from this shapes model "
