@@ -14,7 +14,7 @@ WORLDS = ("shapes",)
 def cmd_recipe(args: argparse.Namespace) -> int:
     """Train every component of the shapes model from a seed into --out (resumable: rerun to continue)."""
     from ..devices import device_option
-    from .recipe import PRESETS, parse_options, run_recipe
+    from .recipe import parse_options, run_recipe
 
     if args.smoke and args.preset not in ("full", "smoke"):
         raise SystemExit(
