@@ -8,15 +8,18 @@
 # may fail without stopping the next one; OUT_DIR/summary.txt lists each step's exit status
 # (124: stopped at its time limit). The steps:
 #
+#   tests      pytest -m gpu (the compiled, CUDA-graph, loop-graph and fp8 paths against the eager
+#              network, the captured caption search against the reference search)
 #   sampling   benchmarks/sampling.py at the released size against diffusers: end to end, our
 #              time by stage, throughput, network forward against the measured matmul rate,
 #              accuracy against eager fp32 (SECTIONS="..." picks others). If it fails before its
 #              limit, it runs again uncompiled, eager.
-#   tests      pytest -m gpu (the compiled, CUDA-graph and fp8 paths against the eager network,
-#              the captured caption search against the reference search)
+#   fp8        our end-to-end times and accuracy with the blocks' linear layers in fp8
+#   variants   our text-to-image at batch 1 per fast-path variant (no diffusers)
+#   parts      benchmarks/parts.py: linear layers bf16 against fp8, attention per SDPA backend,
+#              the image decoder eager and compiled
 #   train      benchmarks/train.py: the released size in bf16 at batch 16, and at batch 32 with
 #              gradient checkpointing, each with and without compiled blocks
-#   variants   our text-to-image at batch 1 per fast-path variant (no diffusers)
 #
 # PRESET=tiny DEVICE=cpu runs the same steps on the CPU with the tiny components (a smoke test of
 # this script; its figures mean nothing).
@@ -53,26 +56,32 @@ step() {  # step NAME CAP_SECONDS COMMAND...: run COMMAND for at most CAP second
 
 if [[ $preset == tiny ]]; then
     rows=(small:no:0:8 small:no:0:8:1)
-    variants=(eager compile)
+    variants=(eager compile compile+vae compile+fp8)
     extra=(--backend aot_eager --batch-sizes 2 --forward-batch 2 --steps 5)
+    parts=(--small --backend aot_eager --repeats 3)
 else
     rows=(unidiffuser-v1:bf16:0:16 unidiffuser-v1:bf16:0:16:1 unidiffuser-v1:bf16:1:32 unidiffuser-v1:bf16:1:32:1)
-    variants=(graphs compile+graphs graphs+fp8 compile+graphs+fp8)
+    variants=(compile+graphs compile+graphs+loop compile+graphs+loop+vae compile+graphs+loop+vae+fp8
+        compile+graphs+loop+vae+fp8t)
     extra=()
+    parts=()
 fi
 sections=(${SECTIONS:-e2e stages throughput forward accuracy})
 
-step sampling 330 python3 benchmarks/sampling.py --preset "$preset" --device "$device" \
+step tests 110 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_speed.py tests/test_devices.py \
+    tests/test_caption_decoder.py
+step sampling 300 python3 benchmarks/sampling.py --preset "$preset" --device "$device" \
     --repeats 3 --throughput-repeats 1 --sections "${sections[@]}" "${extra[@]}"
 rc=$?
 if ((rc != 0 && rc != 124 && rc != 137)); then
     step sampling_eager 200 python3 benchmarks/sampling.py --preset "$preset" --device "$device" \
         --no-compile --no-cuda-graph --repeats 3 --sections e2e stages forward "${extra[@]}"
 fi
-step tests 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_speed.py tests/test_devices.py \
-    tests/test_caption_decoder.py
-step train 200 python3 benchmarks/train.py --device "$device" --steps 5 --warmup 2 --rows "${rows[@]}"
+step fp8 120 python3 benchmarks/sampling.py --preset "$preset" --device "$device" --fp8 --no-diffusers \
+    --repeats 3 --sections e2e accuracy "${extra[@]}"
 step variants 150 python3 benchmarks/sampling.py --preset "$preset" --device "$device" --no-diffusers \
     --sections variants --variants "${variants[@]}" --repeats 5 "${extra[@]}"
+step parts 100 python3 benchmarks/parts.py --device "$device" "${parts[@]}"
+step train 200 python3 benchmarks/train.py --device "$device" --steps 5 --warmup 2 --rows "${rows[@]}"
 echo "== summary"
 cat "$out/summary.txt"

@@ -87,7 +87,7 @@ from unidiffuser.official import to_diffusers_keys
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SECTIONS = ("e2e", "stages", "throughput", "forward", "accuracy", "variants")
-VARIANTS = ("eager", "graphs", "compile", "compile+graphs", "graphs+fp8", "compile+graphs+fp8", "fp8")
+PARTS = ("compile", "graphs", "loop", "vae", "fp8", "fp8t")  # see make_fast
 PROMPT = "a red bicycle leaning against a blue wall"
 GUIDANCE = 7.0  # ours: (1 + s) cond - s uncond; diffusers' guidance_scale is s + 1
 
@@ -109,7 +109,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         help="ours: capture the network as CUDA graphs (default: on for CUDA; no effect on the CPU)",
     )
+    parser.add_argument(
+        "--loop-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="ours: with CUDA graphs, capture each whole sampling loop as one graph",
+    )
+    parser.add_argument(
+        "--compile-autoencoder",
+        action=argparse.BooleanOptionalAction,
+        help="ours: torch.compile the image decoder (default: with --compile on CUDA)",
+    )
     parser.add_argument("--fp8", action="store_true", help="ours: the blocks' linear layers in fp8")
+    parser.add_argument(
+        "--fp8-scaling",
+        choices=("row", "tensor"),
+        default="row",
+        help="ours: fp8 scales per row or per tensor",
+    )
     parser.add_argument("--backend", default="inductor", help="the torch.compile backend")
     parser.add_argument("--steps", type=int, default=50, help="network evaluations per sample")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per batch-1 row")
@@ -117,10 +134,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[8, 32], help="throughput batches")
     parser.add_argument("--forward-batch", type=int, default=8, help="batch of the forward section")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS[:5]))
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["eager", "compile+graphs"])
+    parser.add_argument(
+        "--variants", nargs="+", default=["eager", "compile+graphs"],
+        help=f"for the variants section: 'eager' or parts joined by '+', from {', '.join(PARTS)}",
+    )  # fmt: skip
     parser.add_argument("--no-diffusers", action="store_true", help="time our pipeline alone")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    for variant in args.variants:
+        if variant != "eager" and not set(variant.split("+")) <= set(PARTS):
+            parser.error(
+                f"--variants {variant}: expected 'eager' or parts joined by '+', from {', '.join(PARTS)}"
+            )
     if min(args.steps, args.repeats, args.throughput_repeats, args.forward_batch, *args.batch_sizes) < 1:
         parser.error("--steps, the repeats and every batch size must be >= 1")
     return args
@@ -247,14 +272,29 @@ def build_diffusers(pipe: UniDiffuser):
     return theirs
 
 
-def make_fast(pipe: UniDiffuser, compile: bool, graphs: bool, fp8: bool, backend: str) -> str:
-    """Set our pipeline's sampling path; returns its name for the tables."""
-    if not (compile or graphs or fp8):
+def make_fast(pipe: UniDiffuser, parts: set[str], backend: str) -> str:
+    """Set our pipeline's sampling path from a set of ``PARTS``; returns its name for the tables.
+
+    compile: compiled blocks; graphs: one CUDA graph per forward; loop: one CUDA graph per whole
+    sampling loop (with graphs); vae: the image decoder compiled; fp8 / fp8t: block linears in fp8
+    with row / tensor scales.
+    """
+    unknown = parts - set(PARTS)
+    if unknown:
+        raise ValueError(f"variant parts {sorted(unknown)}: expected some of {PARTS}")
+    if not parts & {"compile", "graphs", "fp8", "fp8t", "vae"}:
         pipe.disable_fast_sampling()
         return "eager"
-    pipe.enable_fast_sampling(compile=compile, cuda_graphs=graphs, fp8=fp8, backend=backend)
-    graphs = graphs and pipe.device.type == "cuda"
-    return "+".join(n for n, on in (("compile", compile), ("graphs", graphs), ("fp8", fp8)) if on) or "eager"
+    fp8 = "row" if "fp8" in parts else "tensor" if "fp8t" in parts else False
+    pipe.enable_fast_sampling(
+        compile="compile" in parts, cuda_graphs="graphs" in parts, loop_graphs="loop" in parts, fp8=fp8,
+        compile_autoencoder="vae" in parts, backend=backend,
+    )  # fmt: skip
+    on_gpu = pipe.device.type == "cuda"
+    shown = [n for n in PARTS if n in parts and (on_gpu or n not in ("graphs", "loop"))]
+    if "loop" in shown and "graphs" not in shown:
+        shown.remove("loop")
+    return "+".join(shown) or "eager"
 
 
 # -- measuring ----------------------------------------------------------------------------------
@@ -415,6 +455,10 @@ def main(argv: list[str] | None = None) -> None:
     dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
     compile = cuda if args.compile is None else args.compile
     graphs = cuda if args.cuda_graph is None else args.cuda_graph
+    vae = compile and cuda if args.compile_autoencoder is None else args.compile_autoencoder
+    fp8 = ("fp8" if args.fp8_scaling == "row" else "fp8t") if args.fp8 else None
+    chosen = {n for n, on in (("compile", compile), ("graphs", graphs), ("loop", args.loop_graphs and graphs),
+                              ("vae", vae), (fp8, fp8)) if on}  # fmt: skip
     if cuda:
         where = f"{torch.cuda.get_device_name(device)} | CUDA {torch.version.cuda}"
     else:
@@ -441,7 +485,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_diffusers and set(args.sections) & {"e2e", "throughput", "forward"}:
         theirs = build_diffusers(ours).to(device, dtype)
     ours.to(device, dtype)
-    path = make_fast(ours, compile, graphs, args.fp8, args.backend)
+    path = make_fast(ours, chosen, args.backend)
     print(
         f"ours: {str(dtype).removeprefix('torch.')}, {path} | diffusers: {str(dtype).removeprefix('torch.')}, eager"
     )
@@ -575,13 +619,12 @@ def main(argv: list[str] | None = None) -> None:
     if "variants" in args.sections:
         rows = []
         for variant in args.variants:
-            parts = set(variant.split("+"))
-            name = make_fast(ours, "compile" in parts, "graphs" in parts, "fp8" in parts, args.backend)
+            name = make_fast(ours, set(variant.split("+")) - {"eager"}, args.backend)
             timing = measure(our_call("t2i", 1), device, args.repeats)
             rows.append((variant, name, f"{timing.median:.3f}", f"{timing.first:.2f}", mib(timing)))
         print("\nOurs by variant (text-to-image, batch 1)\n")
         print(table(("variant", "path on this device", "s", "first s", "peak MiB"), rows), flush=True)
-        make_fast(ours, compile, graphs, args.fp8, args.backend)
+        make_fast(ours, chosen, args.backend)
 
 
 if __name__ == "__main__":

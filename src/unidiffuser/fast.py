@@ -18,9 +18,17 @@ The network's value checks (NaN, timestep range) read values back to the host an
 GPU at every call; the fast forward skips them (shapes are still checked). It never changes the
 network or its state dict: the fp8 option works on a private copy.
 
-``fp8=True`` runs the transformer blocks' linear layers in float8 (e4m3) with per-tensor scales,
-the format of Hopper's fp8 tensor cores (``torch._scaled_mm``; the CPU has it too, slowly):
-attention, the norms, embeddings and heads stay in the network's dtype.
+``fp8=True`` runs the transformer blocks' linear layers in float8 (e4m3) with a scale per input row
+and per output channel (per tensor on Ada GPUs), the format of Hopper's fp8 tensor cores
+(``torch._scaled_mm``; the CPU has it too, slowly): attention, the norms, embeddings and heads stay
+in the network's dtype.
+
+A sampling loop has fixed shapes and a fixed time grid, so with CUDA graphs the whole loop, every
+network call and every solver update, is captured as one graph per task and shape (``sample_loop``,
+used by ``tasks.generate`` when no per-step callback is asked for): a call then costs one copy of
+its conditions and noise in and one graph replay, with no Python between the steps. The noise
+that absent modalities get at every step is drawn ahead, in the order the plain loop draws it, so
+both give the same samples.
 """
 
 from __future__ import annotations
@@ -31,7 +39,6 @@ from contextlib import contextmanager
 from typing import TypeVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .network import UViT
@@ -39,68 +46,87 @@ from .network import UViT
 T = TypeVar("T")
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
+FP8_SCALINGS = ("row", "tensor")
 # torch.compile recompiles per shape (dynamic=False); its default limit of 8 shapes per function
 # would silently fall back to eager in a process that samples many batch sizes.
 RECOMPILE_LIMIT = 64
 
 
 class Fp8Linear(nn.Module):
-    """A frozen linear layer computed in float8 e4m3 with per-tensor scales, accumulated in fp32.
+    """A frozen linear layer computed in float8 e4m3 with scales, accumulated in fp32.
 
-    The weight is scaled once so that its largest magnitude is 448 (e4m3's largest); the input is
-    scaled the same way at every call. The product comes out in the input's dtype.
+    ``scaling="row"`` (the default) gives every input row and every output channel of the weight
+    its own scale; ``"tensor"`` one scale for the whole input and one for the weight. Either way a
+    scale maps the largest magnitude it covers to 448 (e4m3's largest). Row scales follow each
+    token's own range, and under ``torch.compile`` a row's maximum is found in the same kernel as
+    the norm or activation that produced the row; a tensor scale needs a pass over the whole input
+    first. The product comes out in the input's dtype.
 
     Args:
         linear: the layer to copy; its in and out features must be multiples of 16 (the fp8
             matrix product's requirement).
+        scaling: "row" or "tensor".
     """
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, scaling: str = "row"):
         super().__init__()
+        if scaling not in FP8_SCALINGS:
+            raise ValueError(f"scaling={scaling!r}: expected one of {FP8_SCALINGS}")
         out_features, in_features = linear.weight.shape
         if in_features % 16 or out_features % 16:
             raise ValueError(
                 f"Fp8Linear: in_features={in_features} and out_features={out_features} must be "
                 "multiples of 16"
             )
-        w = linear.weight.detach().float()
-        scale = w.abs().amax().clamp_min(1e-12) / FP8_MAX
+        self.scaling = scaling
+        w = linear.weight.detach().float()  # (out, in)
+        amax = w.abs().amax(dim=1, keepdim=True) if scaling == "row" else w.abs().amax()
+        scale = amax.clamp_min(1e-12) / FP8_MAX  # (out, 1) or ()
         self.register_buffer("weight", (w / scale).to(FP8))  # (out, in)
-        self.register_buffer("weight_scale", scale)
+        self.register_buffer("weight_scale", scale.t() if scaling == "row" else scale)  # (1, out) or ()
         bias = None if linear.bias is None else linear.bias.detach().clone()
         self.register_buffer("bias", bias)
 
     def forward(self, x: Tensor) -> Tensor:
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)  # (M, K)
-        m = x2.shape[0]
-        scale = x2.abs().amax().float().clamp_min(1e-12) / FP8_MAX
+        if self.scaling == "row":
+            amax = x2.abs().amax(dim=1, keepdim=True).float()  # (M, 1)
+        else:
+            amax = x2.abs().amax().float()
+        scale = amax.clamp_min(1e-12) / FP8_MAX
         xq = (x2.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)  # (M, K)
-        pad = -m % 16  # the fp8 product on CUDA wants the rows in multiples of 16
-        if pad:
-            xq = F.pad(xq.view(torch.uint8), (0, 0, 0, pad)).view(FP8)  # (M + pad, K)
         y = torch._scaled_mm(xq, self.weight.t(), scale_a=scale, scale_b=self.weight_scale, out_dtype=x.dtype)
-        y = y[:m]  # (M, N)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
-        return y.reshape(*lead, y.shape[-1])
+        return y.reshape(*lead, y.shape[-1])  # (..., N)
 
 
-def fp8_copy(network: UViT) -> UViT:
+def default_fp8_scaling(device: torch.device) -> str:
+    """Row scales where the fp8 product takes them (Hopper GPUs and later, the CPU); else tensor."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (9, 0):
+        return "tensor"
+    return "row"
+
+
+def fp8_copy(network: UViT, scaling: str | None = None) -> UViT:
     """A copy of the network whose block linear layers (qkv, proj, fc1, fc2, skip) run in fp8.
 
-    The copy is for sampling only (its buffers are not the network's state dict); the network
-    itself is unchanged.
+    ``scaling`` is "row" or "tensor" (see ``Fp8Linear``); None picks ``default_fp8_scaling``. The
+    copy is for sampling only (its buffers are not the network's state dict); the network itself
+    is unchanged.
     """
     if network.device.type == "cuda" and torch.cuda.get_device_capability(network.device) < (8, 9):
         name = torch.cuda.get_device_name(network.device)
         raise ValueError(f"fp8: {name} has no fp8 tensor cores (they start with Ada and Hopper, sm_89)")
+    scaling = default_fp8_scaling(network.device) if scaling is None else scaling
     fast = copy.deepcopy(network).eval().requires_grad_(False)
     for blk in (*fast.in_blocks, fast.mid_block, *fast.out_blocks):
         for parent, name in ((blk.attn, "qkv"), (blk.attn, "proj"), (blk.mlp, "fc1"), (blk.mlp, "fc2")):
-            setattr(parent, name, Fp8Linear(getattr(parent, name)))
+            setattr(parent, name, Fp8Linear(getattr(parent, name), scaling))
         if blk.skip_linear is not None:
-            blk.skip_linear = Fp8Linear(blk.skip_linear)
+            blk.skip_linear = Fp8Linear(blk.skip_linear, scaling)
     return fast
 
 
@@ -165,6 +191,36 @@ class _Graph:
         return {name: out.clone() for name, out in self.outputs.items()}
 
 
+class _LoopGraph:
+    """A whole sampling loop, every network call and solver update, captured as one CUDA graph.
+
+    ``fn`` is the task's model function (``tasks.TaskModel``) of the first call; the graph keeps a
+    twin of it whose conditions are its own buffers and whose absent-modality noise comes from a
+    tape drawn ahead. A later call copies its conditions, start state and freshly drawn noise into
+    them and replays.
+    """
+
+    def __init__(self, network: FastNetwork, fn, x: Tensor, run: Callable, calls: int, pool):
+        self.fn = fn.with_noise_tape(calls)
+        self.x = x.clone()
+
+        def loop() -> Tensor:
+            self.fn.noise_tape.rewind()
+            out = run(self.fn, self.x)
+            self.fn.noise_tape.check_spent()
+            return out
+
+        with network._capturing_loop():
+            self.graph, self.out = capture_graph(loop, pool)
+
+    def __call__(self, fn, x: Tensor) -> Tensor:
+        self.fn.load_conditions(fn)
+        self.x.copy_(x)
+        self.fn.noise_tape.fill(fn.generator)
+        self.graph.replay()
+        return self.out.clone()  # the next replay overwrites it
+
+
 class FastNetwork:
     """A U-ViT's forward for sampling, compiled and captured per input shape (see the module doc).
 
@@ -174,7 +230,8 @@ class FastNetwork:
         cuda_graphs: on a CUDA device, capture the forward as a CUDA graph per input shape and
             replay it; ignored on other devices.
         fp8: run the blocks' linear layers in fp8 (a private copy of the network; see
-            ``fp8_copy``).
+            ``fp8_copy``): True (the device's default scales), "row" or "tensor".
+        loop_graphs: with CUDA graphs, capture whole sampling loops too (``sample_loop``).
         backend: the ``torch.compile`` backend; "inductor" generates kernels, "aot_eager" only
             traces (for tests on machines without a C compiler or time to spare).
     """
@@ -185,21 +242,27 @@ class FastNetwork:
         *,
         compile: bool = True,
         cuda_graphs: bool = True,
-        fp8: bool = False,
+        fp8: bool | str = False,
+        loop_graphs: bool = True,
         backend: str = "inductor",
     ):
         if not isinstance(network, UViT):
             raise ValueError(f"network: expected a UViT, got {type(network).__name__}")
         if network.training:
             raise ValueError("network: FastNetwork is for sampling; call network.eval() first")
+        if fp8 not in (False, True, *FP8_SCALINGS):
+            raise ValueError(f"fp8={fp8!r}: expected True, False or one of {FP8_SCALINGS}")
         self.network = network
-        self.module = fp8_copy(network) if fp8 else network
+        self.module = fp8_copy(network, None if fp8 is True else fp8) if fp8 else network
         self.compile, self.cuda_graphs, self.fp8, self.backend = compile, cuda_graphs, fp8, backend
+        self.loop_graphs = loop_graphs
         self._run_block = (
             torch.compile(_call_block, backend=backend, dynamic=False, fullgraph=True) if compile else None
         )
         self._graphs: dict[tuple, _Graph] = {}
+        self._loops: dict[tuple, _LoopGraph] = {}
         self._pool = None
+        self._in_loop = False  # capturing a whole loop: forwards run uncaptured inside it
 
     @property
     def config(self):
@@ -215,8 +278,55 @@ class FastNetwork:
 
     @property
     def num_graphs(self) -> int:
-        """CUDA graphs captured so far (one per input signature)."""
+        """CUDA graphs of single forwards captured so far (one per input signature)."""
         return len(self._graphs)
+
+    @property
+    def num_loop_graphs(self) -> int:
+        """CUDA graphs of whole sampling loops captured so far (one per task, shape and grid)."""
+        return len(self._loops)
+
+    @property
+    def captures_loops(self) -> bool:
+        """Whether ``sample_loop`` captures: loop graphs on, CUDA graphs on, on a CUDA device."""
+        return self.loop_graphs and self.cuda_graphs and self.device.type == "cuda"
+
+    def _pool_handle(self):
+        if self._pool is None:
+            # One memory pool for every graph: they never run at once, and each call's outputs
+            # are cloned before the next replay.
+            self._pool = torch.cuda.graph_pool_handle()
+        return self._pool
+
+    @contextmanager
+    def _capturing_loop(self) -> Iterator[None]:
+        self._in_loop = True
+        try:
+            yield
+        finally:
+            self._in_loop = False
+
+    def sample_loop(self, fn, x: Tensor, run: Callable, key: tuple, calls: int) -> Tensor:
+        """``run(fn, x)``, a whole sampling loop, captured as one CUDA graph and replayed.
+
+        Args:
+            fn: the task's model function (a ``tasks.TaskModel`` around this network).
+            x: the start state (B, N).
+            run: the loop: ``run(fn, x)`` returns the final state; it must call ``fn`` the same
+                way every time for the same ``key`` and ``fn.signature()``.
+            key: what fixes the loop besides ``fn``'s shapes (the schedule, steps, solver, grid).
+            calls: how many times the loop calls ``fn``.
+
+        The first call per key and signature captures (running the loop twice to warm up); where
+        ``captures_loops`` is False, ``run(fn, x)`` runs as it is.
+        """
+        if not self.captures_loops:
+            return run(fn, x)
+        signature = (key, fn.signature(), tuple(x.shape), x.dtype, x.device)
+        loop = self._loops.get(signature)
+        if loop is None:
+            loop = self._loops[signature] = _LoopGraph(self, fn, x, run, calls, self._pool_handle())
+        return loop(fn, x)
 
     def _forward(self, inputs: Mapping[str, Tensor], timesteps: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return self.module(inputs, timesteps, run_block=self._run_block)
@@ -230,14 +340,10 @@ class FastNetwork:
             _values_unchecked(self.module),
             torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT),
         ):
-            if not (self.cuda_graphs and self.device.type == "cuda"):
+            if self._in_loop or not (self.cuda_graphs and self.device.type == "cuda"):
                 return self._forward(inputs, timesteps)
             key = _signature(inputs, timesteps)
             graph = self._graphs.get(key)
             if graph is None:
-                if self._pool is None:
-                    # One memory pool for every graph: they never run at once, and each call's
-                    # outputs are cloned before the next replay.
-                    self._pool = torch.cuda.graph_pool_handle()
-                graph = self._graphs[key] = _Graph(self._forward, inputs, timesteps, self._pool)
+                graph = self._graphs[key] = _Graph(self._forward, inputs, timesteps, self._pool_handle())
             return graph(inputs, timesteps)

@@ -124,6 +124,7 @@ class UniDiffuser:
                 compile=fast.compile,
                 cuda_graphs=fast.cuda_graphs,
                 fp8=fast.fp8,
+                loop_graphs=fast.loop_graphs,
                 backend=fast.backend,
             )
             self._set_fast_captions()  # the search's buffers and graphs belong to the old device and dtype
@@ -136,8 +137,10 @@ class UniDiffuser:
         *,
         compile: bool = True,
         cuda_graphs: bool = True,
-        fp8: bool = False,
+        fp8: bool | str = False,
+        loop_graphs: bool = True,
         channels_last: bool = True,
+        compile_autoencoder: bool | None = None,
         fast_captions: bool | None = None,
         backend: str = "inductor",
     ) -> UniDiffuser:
@@ -150,8 +153,14 @@ class UniDiffuser:
         Args:
             compile: ``torch.compile`` the network's forward.
             cuda_graphs: capture the forward as CUDA graphs (on CUDA devices only).
-            fp8: the transformer blocks' linear layers in fp8 (Hopper and Ada GPUs, or the CPU).
+            fp8: the transformer blocks' linear layers in fp8 (Hopper and Ada GPUs, or the CPU):
+                True, or "row" / "tensor" to choose the scales (``fast.Fp8Linear``).
+            loop_graphs: with CUDA graphs, capture each whole sampling loop (network calls and
+                solver updates) as one graph; calls with a ``progress`` callback step through
+                the loop instead, one captured forward per step.
             channels_last: the autoencoder in the channels-last layout.
+            compile_autoencoder: ``torch.compile`` the image decoder (one compilation per
+                latent shape). None (the default): with ``compile``, on a CUDA device.
             fast_captions: the caption beam search over a fixed-size KV cache, one CUDA graph
                 replay per token (``CaptionDecoder.enable_fast_search``). None (the default): on
                 where CUDA graphs run, since on the CPU it saves nothing over the growing cache.
@@ -161,9 +170,13 @@ class UniDiffuser:
             self.
         """
         self._fast = FastNetwork(
-            self.network, compile=compile, cuda_graphs=cuda_graphs, fp8=fp8, backend=backend
-        )
+            self.network, compile=compile, cuda_graphs=cuda_graphs, fp8=fp8, loop_graphs=loop_graphs,
+            backend=backend,
+        )  # fmt: skip
         self.autoencoder.to_channels_last(channels_last)
+        if compile_autoencoder is None:
+            compile_autoencoder = compile and self.device.type == "cuda"
+        self.autoencoder.compile_decoder(compile_autoencoder, backend=backend)
         self._fast_captions = fast_captions
         self._set_fast_captions()
         return self
@@ -172,6 +185,7 @@ class UniDiffuser:
         """Back to the plain network (the compiled functions and graphs are dropped); returns self."""
         self._fast = None
         self.autoencoder.to_channels_last(False)
+        self.autoencoder.compile_decoder(False)
         self._set_fast_captions()
         return self
 

@@ -33,6 +33,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     from .components.images import make_grid
     from .devices import device_option
+    from .fast import FastNetwork
     from .pipeline import UniDiffuser
     from .shipped import shipped_model_dir
     from .solvers import official_orders
@@ -56,10 +57,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
         pipe.enable_fast_sampling(fp8=args.fp8)
 
     solver_steps = len(official_orders(args.steps)) if args.solver == "dpm++3s" else args.steps
-    bar = tqdm(total=solver_steps, desc=args.mode, unit="step", file=sys.stderr)
+    # A sampling loop captured as one CUDA graph has no steps to report: no bar then.
+    loops = isinstance(pipe.sampler, FastNetwork) and pipe.sampler.captures_loops
+    bar = tqdm(total=solver_steps, desc=args.mode, unit="step", file=sys.stderr, disable=loops)
 
-    def progress(done: int, total: int) -> None:
+    def advance(done: int, total: int) -> None:
         bar.update(done - bar.n)
+
+    progress = None if loops else advance
 
     common = dict(num_samples=args.num_samples, steps=args.steps, seed=args.seed, solver=args.solver)
     size = dict(height=args.height, width=args.width)

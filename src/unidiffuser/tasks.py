@@ -21,6 +21,7 @@ solver step go through the network as one batched call.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from math import prod
@@ -113,6 +114,79 @@ def _noise(shape: Sequence[int], generator: torch.Generator | None, device, dtyp
         # the GPU to finish its queue, once per solver step.
         return noise.pin_memory().to(device, dtype, non_blocking=True)
     return noise.to(device, dtype)
+
+
+class NoiseTape:
+    """The absent modalities' noise of a whole sampling run, drawn ahead into one buffer.
+
+    A loop captured as a CUDA graph cannot draw from a CPU generator at each step, so it reads
+    its noise from here: ``next`` hands out the draws in order, call after call, and ``fill``
+    draws all of them for the next run, piece by piece in the order the plain loop draws them, so
+    the same generator gives both the same numbers.
+
+    Args:
+        shapes: the shapes one model call draws, in order.
+        calls: model calls per run.
+        device: where the model reads the noise.
+    """
+
+    def __init__(self, shapes: Sequence[tuple[int, ...]], calls: int, device):
+        if calls < 1:
+            raise ValueError(f"calls={calls}: expected at least one model call")
+        self.shapes, self.calls = [tuple(s) for s in shapes], calls
+        sizes = [prod(s) for s in self.shapes] * calls
+        self.offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        self.buffer = torch.zeros(self.offsets[-1], device=device)  # the noise the model reads
+        self._host: Tensor | None = None  # pinned staging memory for CPU draws to a GPU
+        self._copied: torch.cuda.Event | None = None
+        self.cursor = 0
+
+    def rewind(self) -> None:
+        self.cursor = 0
+
+    def next(self, shape: tuple[int, ...]) -> Tensor:
+        draws = len(self.offsets) - 1
+        if self.cursor >= draws:
+            raise RuntimeError(f"noise tape: the loop drew more than the {draws} draws of {self.calls} calls")
+        expected = self.shapes[self.cursor % len(self.shapes)]
+        if tuple(shape) != expected:
+            raise RuntimeError(
+                f"noise tape: draw {self.cursor} has shape {tuple(shape)}, expected {expected}"
+            )
+        start, end = self.offsets[self.cursor], self.offsets[self.cursor + 1]
+        self.cursor += 1
+        return self.buffer[start:end].view(shape)
+
+    def check_spent(self) -> None:
+        """Raises unless the run drew exactly what the tape holds (its calls times the draws of one call)."""
+        if self.shapes and self.cursor != len(self.offsets) - 1:
+            raise RuntimeError(
+                f"noise tape: the loop made {self.cursor / len(self.shapes):g} model calls, "
+                f"the tape was made for {self.calls}"
+            )
+
+    def fill(self, generator: torch.Generator | None) -> None:
+        """Draws the noise of one run from ``generator`` (on its device, the CPU by default)."""
+        if not self.shapes:
+            return
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        pieces = [
+            torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32).reshape(-1)
+            for _ in range(self.calls)
+            for shape in self.shapes
+        ]
+        if gen_device == self.buffer.device:
+            torch.cat(pieces, out=self.buffer)
+            return
+        if self._host is None:
+            self._host = torch.empty(self.buffer.shape, pin_memory=self.buffer.device.type == "cuda")
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous run's copy has left the staging memory
+        torch.cat(pieces, out=self._host)
+        self.buffer.copy_(self._host, non_blocking=True)
+        if self.buffer.device.type == "cuda":
+            self._copied = torch.cuda.Event()
+            self._copied.record()
 
 
 def _shape(m: Modality, sizes: Mapping[str, tuple[int, int]] | None) -> tuple[int, ...]:
@@ -237,6 +311,49 @@ class TaskModel:
         }
         self.generated = [m for g in task.generated for m in cfg.members(g)]
         self.layout = StateLayout(self.generated, self.shapes)
+        self.noise_tape: NoiseTape | None = None  # where absent noise comes from in a captured loop
+
+    # -- as the graph of a captured loop sees it ------------------------------------------------
+
+    def signature(self) -> tuple:
+        """What a captured loop of this model function depends on besides the solver's grid."""
+        values = tuple(
+            (kind, name, tuple(v.shape), v.dtype)
+            for kind, group in (("given", self.given), ("empty", self.empty), ("labels", self.labels))
+            for name, v in sorted(group.items())
+        )
+        return (self.task, self.scale, self.mode, self.batch, values, tuple(sorted(self.shapes.items())))
+
+    def _absent_shapes(self) -> list[tuple[int, ...]]:
+        """The shapes of the noise one call draws, in the order it draws them."""
+        cfg = self.network.config
+        return [
+            (self.batch, *self.shapes[m.name])
+            for roles in self._passes()
+            for g in cfg.groups
+            if roles[g] == "absent"
+            for m in cfg.members(g)
+        ]
+
+    def with_noise_tape(self, calls: int) -> TaskModel:
+        """A twin whose conditions are its own buffers and whose absent noise comes from a
+        ``NoiseTape`` of ``calls`` calls: the model function a captured loop runs."""
+        twin = copy.copy(self)
+        twin.given = {n: v.contiguous().clone() for n, v in self.given.items()}
+        twin.empty = {n: v.contiguous().clone() for n, v in self.empty.items()}
+        twin.labels = {n: v.contiguous().clone() for n, v in self.labels.items()}
+        twin.noise_tape = NoiseTape(self._absent_shapes(), calls, self.device)
+        return twin
+
+    def load_conditions(self, other: TaskModel) -> None:
+        """Copies another call's conditions (same signature) into this one's buffers."""
+        for mine, theirs in (
+            (self.given, other.given),
+            (self.empty, other.empty),
+            (self.labels, other.labels),
+        ):
+            for name, buffer in mine.items():
+                buffer.copy_(theirs[name])
 
     # -- the passes of one step -----------------------------------------------------------------
 
@@ -274,6 +391,8 @@ class TaskModel:
                         v = self.given[m.name]
                     elif role == "empty":
                         v = self.empty[m.name]
+                    elif self.noise_tape is not None:  # absent, in a captured loop
+                        v = self.noise_tape.next((b, *self.shapes[m.name]))
                     else:  # absent: fresh noise at every call
                         v = _noise((b, *self.shapes[m.name]), self.generator, self.device, self.dtype)
                     inputs[m.name].append(v)
@@ -338,16 +457,14 @@ def generate(
         x_T = fn.initial_noise()
     elif tuple(x_T.shape) != (fn.batch, fn.layout.numel):
         raise ValueError(f"x_T: expected shape {(fn.batch, fn.layout.numel)}, got {tuple(x_T.shape)}")
+    x_T = x_T.to(fn.device, torch.float32)
     with torch.no_grad():
-        x = sample(
-            fn,
-            x_T.to(fn.device, torch.float32),
-            schedule,
-            steps=steps,
-            solver=solver,
-            grid=grid,
-            callback=callback,
-        )
+        if callback is None and isinstance(network, FastNetwork) and network.captures_loops:
+            # every solver calls the model `steps` times; the loop is captured once per grid
+            run = lambda model, x: sample(model, x, schedule, steps=steps, solver=solver, grid=grid)  # noqa: E731
+            x = network.sample_loop(fn, x_T, run, key=(schedule, steps, solver, grid), calls=steps)
+        else:
+            x = sample(fn, x_T, schedule, steps=steps, solver=solver, grid=grid, callback=callback)
     return fn.layout.unpack(x)
 
 

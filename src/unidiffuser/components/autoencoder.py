@@ -24,6 +24,7 @@ import torch
 from diffusers import AutoencoderKL
 from torch import Tensor, nn
 
+from ..fast import RECOMPILE_LIMIT
 from ..official import load_state_dict_strict
 
 LOGVAR_RANGE = (-30.0, 20.0)  # the clamp of LDM's (and diffusers') DiagonalGaussianDistribution
@@ -265,6 +266,7 @@ class ImageAutoencoder(nn.Module):
         self.config = config = AutoencoderConfig.coerce(config)
         self.vae = AutoencoderKL(**config.diffusers_config())
         self.memory_format = torch.contiguous_format
+        self._compiled_decode = None
         self.requires_grad_(False)
         self.eval()
 
@@ -279,6 +281,21 @@ class ImageAutoencoder(nn.Module):
         self.memory_format = torch.channels_last if enabled else torch.contiguous_format
         self.vae.to(memory_format=self.memory_format)
         return self
+
+    def compile_decoder(self, enabled: bool = True, backend: str = "inductor") -> ImageAutoencoder:
+        """Decode through ``torch.compile`` (fused norms and activations around the convolutions).
+
+        One compilation per latent shape and layout: the first decode at a shape pays it (tens of
+        seconds at 512x512 on a GPU). The results are the same up to rounding. Returns self.
+        """
+        self._compiled_decode = (
+            torch.compile(self._decode, backend=backend, dynamic=False) if enabled else None
+        )
+        return self
+
+    @property
+    def decoder_compiled(self) -> bool:
+        return self._compiled_decode is not None
 
     @property
     def scale_factor(self) -> float:
@@ -406,7 +423,13 @@ class ImageAutoencoder(nn.Module):
             got = tuple(latents.shape) if isinstance(latents, Tensor) else type(latents).__name__
             raise ValueError(f"latents: expected shape (B, {c}, h, w), got {got}")
         z = latents.to(device=self.device, dtype=self.dtype) / self.scale_factor
-        z = self.vae.post_quant_conv(self._in_layout(z))  # (B, C, h, w)
+        if self._compiled_decode is None:
+            return self._decode(self._in_layout(z))
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            return self._compiled_decode(self._in_layout(z))
+
+    def _decode(self, z: Tensor) -> Tensor:
+        z = self.vae.post_quant_conv(z)  # (B, C, h, w)
         return self.vae.decoder(z).clamp(-1, 1)  # (B, 3, 8h, 8w)
 
     def _in_layout(self, x: Tensor) -> Tensor:
