@@ -14,8 +14,9 @@
 #              time by stage, throughput, network forward against the measured matmul rate,
 #              accuracy against eager fp32 (SECTIONS="..." picks others). If it fails before its
 #              limit, it runs again uncompiled, eager.
-#   fp8        our end-to-end times and accuracy with the blocks' linear layers in fp8
 #   variants   our text-to-image at batch 1 per fast-path variant (no diffusers)
+#   fp8        our end-to-end times, stages and accuracy with the blocks' linear layers in fp8 and
+#              the caption search's step compiled
 #   parts      benchmarks/parts.py: linear layers bf16 against fp8, attention per SDPA backend,
 #              the image decoder eager and compiled
 #   train      benchmarks/train.py: the released size in bf16 at batch 16, and at batch 32 with
@@ -61,14 +62,14 @@ if [[ $preset == tiny ]]; then
     parts=(--small --backend aot_eager --repeats 3)
 else
     rows=(unidiffuser-v1:bf16:0:16 unidiffuser-v1:bf16:0:16:1 unidiffuser-v1:bf16:1:32 unidiffuser-v1:bf16:1:32:1)
-    variants=(compile+graphs compile+graphs+loop compile+graphs+loop+vae compile+graphs+loop+vae+fp8
-        compile+graphs+loop+vae+fp8t)
+    variants=(compile+graphs compile+graphs+loop compile+graphs+loop+vae compile+graphs+loop+vae+cudnn
+        compile+graphs+loop+vae+fp8 compile+graphs+loop+vae+fp8t compile+graphs+loop+vae+cudnn+fp8)
     extra=()
     parts=()
 fi
 sections=(${SECTIONS:-e2e stages throughput forward accuracy})
 
-step tests 110 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_speed.py tests/test_devices.py \
+step tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_speed.py tests/test_devices.py \
     tests/test_caption_decoder.py
 step sampling 300 python3 benchmarks/sampling.py --preset "$preset" --device "$device" \
     --repeats 3 --throughput-repeats 1 --sections "${sections[@]}" "${extra[@]}"
@@ -77,10 +78,10 @@ if ((rc != 0 && rc != 124 && rc != 137)); then
     step sampling_eager 200 python3 benchmarks/sampling.py --preset "$preset" --device "$device" \
         --no-compile --no-cuda-graph --repeats 3 --sections e2e stages forward "${extra[@]}"
 fi
-step fp8 120 python3 benchmarks/sampling.py --preset "$preset" --device "$device" --fp8 --no-diffusers \
-    --repeats 3 --sections e2e accuracy "${extra[@]}"
-step variants 150 python3 benchmarks/sampling.py --preset "$preset" --device "$device" --no-diffusers \
+step variants 160 python3 benchmarks/sampling.py --preset "$preset" --device "$device" --no-diffusers \
     --sections variants --variants "${variants[@]}" --repeats 5 "${extra[@]}"
+step fp8 120 python3 benchmarks/sampling.py --preset "$preset" --device "$device" --fp8 --compile-captions \
+    --no-diffusers --repeats 3 --sections e2e stages accuracy "${extra[@]}"
 step parts 100 python3 benchmarks/parts.py --device "$device" "${parts[@]}"
 step train 200 python3 benchmarks/train.py --device "$device" --steps 5 --warmup 2 --rows "${rows[@]}"
 echo "== summary"

@@ -14,7 +14,9 @@ Sections (``--sections``):
   caption beam search); the time ratio diffusers / ours.
 - stages: where our batch-1 calls spend their time: encoding, the network calls, the rest of the
   sampling loop (the solver's arithmetic), image decoding and the caption search, each timed with
-  the GPU synchronised around it (so the parts add up to a little more than the e2e time).
+  the GPU synchronised around it (so the parts add up to a little more than the e2e time). To time
+  the network calls apart, the loop runs step by step here (one captured forward per step), not
+  as the one loop graph of the e2e rows.
 - throughput: text-to-image at ``--batch-sizes``, images per second.
 - forward: the network alone at ``--forward-batch``; on CUDA also the share of this device's bf16
   matrix-multiply rate, measured here on an 8192^3 product.
@@ -32,7 +34,7 @@ token, so captions run to the full 67 tokens (beam 5): the worst case, for both.
     python benchmarks/sampling.py --preset tiny --device cpu                  # CPU smoke test
     python benchmarks/sampling.py --preset unidiffuser-v1 --device cuda       # bf16, compiled, CUDA graphs
     python benchmarks/sampling.py --preset unidiffuser-v1 --device cuda --sections variants \\
-        --variants eager graphs compile+graphs graphs+fp8 compile+graphs+fp8
+        --variants eager compile+graphs compile+graphs+loop compile+graphs+loop+vae+fp8
 
 CPU smoke test: the tiny random components at 64x64 pixels, fp32, not compiled, one thread of a
 2-core machine that was busy with other work (torch 2.13). Absolute CPU times say nothing about a
@@ -87,7 +89,7 @@ from unidiffuser.official import to_diffusers_keys
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SECTIONS = ("e2e", "stages", "throughput", "forward", "accuracy", "variants")
-PARTS = ("compile", "graphs", "loop", "vae", "fp8", "fp8t")  # see make_fast
+PARTS = ("compile", "graphs", "loop", "vae", "cap", "cudnn", "fp8", "fp8t")  # see make_fast
 PROMPT = "a red bicycle leaning against a blue wall"
 GUIDANCE = 7.0  # ours: (1 + s) cond - s uncond; diffusers' guidance_scale is s + 1
 
@@ -119,6 +121,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--compile-autoencoder",
         action=argparse.BooleanOptionalAction,
         help="ours: torch.compile the image decoder (default: with --compile on CUDA)",
+    )
+    parser.add_argument(
+        "--compile-captions", action="store_true", help="ours: torch.compile the caption search's step"
     )
     parser.add_argument("--fp8", action="store_true", help="ours: the blocks' linear layers in fp8")
     parser.add_argument(
@@ -276,19 +281,21 @@ def make_fast(pipe: UniDiffuser, parts: set[str], backend: str) -> str:
     """Set our pipeline's sampling path from a set of ``PARTS``; returns its name for the tables.
 
     compile: compiled blocks; graphs: one CUDA graph per forward; loop: one CUDA graph per whole
-    sampling loop (with graphs); vae: the image decoder compiled; fp8 / fp8t: block linears in fp8
-    with row / tensor scales.
+    sampling loop (with graphs); vae: the image decoder compiled; cap: the caption search's step
+    compiled; cudnn: the network's attention through cuDNN; fp8 / fp8t: block linears in fp8 with
+    row / tensor scales.
     """
     unknown = parts - set(PARTS)
     if unknown:
         raise ValueError(f"variant parts {sorted(unknown)}: expected some of {PARTS}")
-    if not parts & {"compile", "graphs", "fp8", "fp8t", "vae"}:
+    if not parts & {"compile", "graphs", "fp8", "fp8t", "vae", "cap", "cudnn"}:
         pipe.disable_fast_sampling()
         return "eager"
     fp8 = "row" if "fp8" in parts else "tensor" if "fp8t" in parts else False
     pipe.enable_fast_sampling(
         compile="compile" in parts, cuda_graphs="graphs" in parts, loop_graphs="loop" in parts, fp8=fp8,
-        compile_autoencoder="vae" in parts, backend=backend,
+        compile_autoencoder="vae" in parts, compile_captions="cap" in parts,
+        attention="cudnn" if "cudnn" in parts else None, backend=backend,
     )  # fmt: skip
     on_gpu = pipe.device.type == "cuda"
     shown = [n for n in PARTS if n in parts and (on_gpu or n not in ("graphs", "loop"))]
@@ -458,7 +465,7 @@ def main(argv: list[str] | None = None) -> None:
     vae = compile and cuda if args.compile_autoencoder is None else args.compile_autoencoder
     fp8 = ("fp8" if args.fp8_scaling == "row" else "fp8t") if args.fp8 else None
     chosen = {n for n, on in (("compile", compile), ("graphs", graphs), ("loop", args.loop_graphs and graphs),
-                              ("vae", vae), (fp8, fp8)) if on}  # fmt: skip
+                              ("vae", vae), ("cap", args.compile_captions), (fp8, fp8)) if on}  # fmt: skip
     if cuda:
         where = f"{torch.cuda.get_device_name(device)} | CUDA {torch.version.cuda}"
     else:
@@ -619,9 +626,15 @@ def main(argv: list[str] | None = None) -> None:
     if "variants" in args.sections:
         rows = []
         for variant in args.variants:
-            name = make_fast(ours, set(variant.split("+")) - {"eager"}, args.backend)
-            timing = measure(our_call("t2i", 1), device, args.repeats)
+            try:
+                name = make_fast(ours, set(variant.split("+")) - {"eager"}, args.backend)
+                timing = measure(our_call("t2i", 1), device, args.repeats)
+            except Exception as err:  # one variant that fails on this device leaves the others' rows
+                print(f"variant {variant} failed: {type(err).__name__}: {err}", flush=True)
+                rows.append((variant, "failed", "-", "-", "-"))
+                continue
             rows.append((variant, name, f"{timing.median:.3f}", f"{timing.first:.2f}", mib(timing)))
+            print(f"variant {variant}: {timing.median:.3f} s", flush=True)
         print("\nOurs by variant (text-to-image, batch 1)\n")
         print(table(("variant", "path on this device", "s", "first s", "peak MiB"), rows), flush=True)
         make_fast(ours, chosen, args.backend)

@@ -199,6 +199,16 @@ def test_fast_search_equals_the_reference(sharp, fast, latents, beam_size, max_n
     assert fast.generate(latents[:2], **kw) == sharp.generate(latents[:2], **kw)
 
 
+def test_compiled_fast_search_equals_the_reference(sharp, latents):
+    """The search step compiled (traced with aot_eager here; inductor in the gpu test)."""
+    compiled = copy.deepcopy(sharp).enable_fast_search(compile=True, backend="aot_eager")
+    for part in (latents[:3], latents[3:6]):  # the second search reuses the compiled step
+        ref_ids, ref_lengths = sharp.beam_search(part)
+        ids, lengths = compiled.beam_search(part)
+        assert torch.equal(ids, ref_ids) and torch.equal(lengths, ref_lengths)
+    assert compiled.fast_search.compile and len(compiled.fast_search._plans) == 1
+
+
 def test_fast_search_stops_where_the_reference_stops(sharp, fast, latents):
     """Every beam ended early: the returned width is the reference's, not the token budget."""
     for part in (latents[[0, 4]], latents[[1, 2]]):  # searches of 25 and 50 steps (measured)
@@ -220,9 +230,10 @@ def test_fast_search_at_gpt2_init_runs_to_the_budget(tiny, latents):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fast_search_captured_on_cuda(sharp, latents, dtype):
+@pytest.mark.parametrize("compile", [False, True])
+def test_fast_search_captured_on_cuda(sharp, latents, dtype, compile):
     ref = copy.deepcopy(sharp).to("cuda", dtype)
-    fast = copy.deepcopy(sharp).to("cuda", dtype).enable_fast_search()
+    fast = copy.deepcopy(sharp).to("cuda", dtype).enable_fast_search(compile=compile)
     for part in (latents, latents.flip(0)):  # the second call replays the captured step
         ref_ids, ref_lengths = ref.beam_search(part.cuda())
         fast_ids, fast_lengths = fast.beam_search(part.cuda())

@@ -230,6 +230,19 @@ def test_loop_graph_plumbing_gives_the_plain_samples(tiny, task, monkeypatch):
     assert fast.num_loop_graphs == 2  # another grid: another loop
 
 
+def test_attention_kernel_can_be_chosen(tiny):
+    inputs, times = random_inputs(tiny.config, 2)
+    with torch.no_grad():
+        ref = tiny(inputs, times)
+    out = FastNetwork(tiny, compile=True, backend="aot_eager", attention="math")(inputs, times)
+    for name in ref:
+        assert rel(out[name], ref[name]) < 1e-5, name
+    with pytest.raises(ValueError, match=r"attention='cudnn2': expected None or one of \('cudnn'"):
+        FastNetwork(tiny, attention="cudnn2")
+    with pytest.raises(ValueError, match=r"fp8='e5m2': expected True, False or one of"):
+        FastNetwork(tiny, fp8="e5m2")
+
+
 def test_loops_are_captured_only_with_cuda_graphs_on_a_gpu(tiny):
     assert not FastNetwork(tiny, compile=False).captures_loops  # on the CPU
     calls = []
@@ -323,6 +336,11 @@ def test_pipeline_fast_sampling_equals_plain_sampling():
         backend="aot_eager", compile_autoencoder=True
     ).autoencoder.decoder_compiled
     assert not pipe.disable_fast_sampling().autoencoder.decoder_compiled
+    pipe.enable_fast_sampling(backend="aot_eager", fast_captions=True, compile_captions=True)
+    assert pipe.caption_decoder.fast_search.compile
+    assert not pipe.enable_fast_sampling(
+        backend="aot_eager", fast_captions=True
+    ).caption_decoder.fast_search.compile
 
 
 def test_bf16_pipeline_is_close_to_fp32():
@@ -493,6 +511,22 @@ def test_captured_loops_sample_what_the_plain_loop_samples(task):
         for name in stepped:
             assert rel(looped[name], stepped[name]) < 1e-5, (seed, name)
     assert fast.num_loop_graphs == 1 and fast.num_graphs == 1
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("attention", ["cudnn", "flash"])
+def test_attention_kernels_on_cuda(attention):
+    torch.manual_seed(0)
+    network = UViT(PRESETS["small"]).eval().to("cuda", torch.bfloat16)
+    inputs, times = random_inputs(network.config, 2)
+    inputs = {k: v.cuda() for k, v in inputs.items()}
+    times = {k: v.cuda() for k, v in times.items()}
+    with torch.no_grad():
+        ref = network(inputs, times)
+    out = FastNetwork(network, compile=True, cuda_graphs=True, attention=attention)(inputs, times)
+    for name in ref:
+        assert rel(out[name], ref[name]) < 0.02, name
 
 
 @pytest.mark.gpu

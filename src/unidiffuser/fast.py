@@ -40,6 +40,7 @@ from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .network import UViT
 
@@ -47,6 +48,12 @@ T = TypeVar("T")
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 FP8_SCALINGS = ("row", "tensor")
+ATTENTION_BACKENDS = {
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
 # torch.compile recompiles per shape (dynamic=False); its default limit of 8 shapes per function
 # would silently fall back to eager in a process that samples many batch sizes.
 RECOMPILE_LIMIT = 64
@@ -232,6 +239,8 @@ class FastNetwork:
         fp8: run the blocks' linear layers in fp8 (a private copy of the network; see
             ``fp8_copy``): True (the device's default scales), "row" or "tensor".
         loop_graphs: with CUDA graphs, capture whole sampling loops too (``sample_loop``).
+        attention: the scaled-dot-product attention kernel, one of ``ATTENTION_BACKENDS``
+            ("cudnn", "flash", "efficient", "math"); None lets PyTorch choose.
         backend: the ``torch.compile`` backend; "inductor" generates kernels, "aot_eager" only
             traces (for tests on machines without a C compiler or time to spare).
     """
@@ -244,18 +253,21 @@ class FastNetwork:
         cuda_graphs: bool = True,
         fp8: bool | str = False,
         loop_graphs: bool = True,
+        attention: str | None = None,
         backend: str = "inductor",
     ):
         if not isinstance(network, UViT):
             raise ValueError(f"network: expected a UViT, got {type(network).__name__}")
         if network.training:
             raise ValueError("network: FastNetwork is for sampling; call network.eval() first")
+        if attention is not None and attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention={attention!r}: expected None or one of {tuple(ATTENTION_BACKENDS)}")
         if fp8 not in (False, True, *FP8_SCALINGS):
             raise ValueError(f"fp8={fp8!r}: expected True, False or one of {FP8_SCALINGS}")
         self.network = network
         self.module = fp8_copy(network, None if fp8 is True else fp8) if fp8 else network
         self.compile, self.cuda_graphs, self.fp8, self.backend = compile, cuda_graphs, fp8, backend
-        self.loop_graphs = loop_graphs
+        self.loop_graphs, self.attention = loop_graphs, attention
         self._run_block = (
             torch.compile(_call_block, backend=backend, dynamic=False, fullgraph=True) if compile else None
         )
@@ -329,7 +341,11 @@ class FastNetwork:
         return loop(fn, x)
 
     def _forward(self, inputs: Mapping[str, Tensor], timesteps: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return self.module(inputs, timesteps, run_block=self._run_block)
+        if self.attention is None:
+            return self.module(inputs, timesteps, run_block=self._run_block)
+        # entered around the compiled blocks too: their attention kernel is chosen when traced
+        with sdpa_kernel(ATTENTION_BACKENDS[self.attention]):
+            return self.module(inputs, timesteps, run_block=self._run_block)
 
     def __call__(self, inputs: Mapping[str, Tensor], timesteps: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """The network's forward: one tensor per diffused modality (see ``UViT.forward``)."""

@@ -90,6 +90,7 @@ class UniDiffuser:
         self.patch_pixels = img.patch_size * self.downsample  # sizes must be multiples of this
         self._fast: FastNetwork | None = None
         self._fast_captions: bool | None = None  # enable_fast_sampling's choice; None: automatic
+        self._compile_captions = False
 
     # -- loading --------------------------------------------------------------------------------
 
@@ -125,6 +126,7 @@ class UniDiffuser:
                 cuda_graphs=fast.cuda_graphs,
                 fp8=fast.fp8,
                 loop_graphs=fast.loop_graphs,
+                attention=fast.attention,
                 backend=fast.backend,
             )
             self._set_fast_captions()  # the search's buffers and graphs belong to the old device and dtype
@@ -139,9 +141,11 @@ class UniDiffuser:
         cuda_graphs: bool = True,
         fp8: bool | str = False,
         loop_graphs: bool = True,
+        attention: str | None = None,
         channels_last: bool = True,
         compile_autoencoder: bool | None = None,
         fast_captions: bool | None = None,
+        compile_captions: bool = False,
         backend: str = "inductor",
     ) -> UniDiffuser:
         """Sample through a compiled, graph-captured network (opt-in; see ``fast.FastNetwork``).
@@ -158,12 +162,16 @@ class UniDiffuser:
             loop_graphs: with CUDA graphs, capture each whole sampling loop (network calls and
                 solver updates) as one graph; calls with a ``progress`` callback step through
                 the loop instead, one captured forward per step.
+            attention: the network's attention kernel ("cudnn", "flash", "efficient", "math");
+                None lets PyTorch choose (``fast.FastNetwork``).
             channels_last: the autoencoder in the channels-last layout.
             compile_autoencoder: ``torch.compile`` the image decoder (one compilation per
                 latent shape). None (the default): with ``compile``, on a CUDA device.
             fast_captions: the caption beam search over a fixed-size KV cache, one CUDA graph
                 replay per token (``CaptionDecoder.enable_fast_search``). None (the default): on
                 where CUDA graphs run, since on the CPU it saves nothing over the growing cache.
+            compile_captions: with the fixed-cache search, ``torch.compile`` its step (one
+                compilation per batch size).
             backend: the ``torch.compile`` backend.
 
         Returns:
@@ -171,13 +179,13 @@ class UniDiffuser:
         """
         self._fast = FastNetwork(
             self.network, compile=compile, cuda_graphs=cuda_graphs, fp8=fp8, loop_graphs=loop_graphs,
-            backend=backend,
+            attention=attention, backend=backend,
         )  # fmt: skip
         self.autoencoder.to_channels_last(channels_last)
         if compile_autoencoder is None:
             compile_autoencoder = compile and self.device.type == "cuda"
         self.autoencoder.compile_decoder(compile_autoencoder, backend=backend)
-        self._fast_captions = fast_captions
+        self._fast_captions, self._compile_captions = fast_captions, compile_captions
         self._set_fast_captions()
         return self
 
@@ -195,7 +203,9 @@ class UniDiffuser:
         graphs = fast is not None and fast.cuda_graphs and self.device.type == "cuda"
         wanted = graphs if self._fast_captions is None else self._fast_captions
         if fast is not None and wanted:
-            self.caption_decoder.enable_fast_search(cuda_graphs=fast.cuda_graphs)
+            self.caption_decoder.enable_fast_search(
+                cuda_graphs=fast.cuda_graphs, compile=self._compile_captions, backend=fast.backend
+            )
         else:
             self.caption_decoder.disable_fast_search()
 

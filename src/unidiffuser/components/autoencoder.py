@@ -267,6 +267,7 @@ class ImageAutoencoder(nn.Module):
         self.vae = AutoencoderKL(**config.diffusers_config())
         self.memory_format = torch.contiguous_format
         self._compiled_decode = None
+        self._compile_backend = None
         self.requires_grad_(False)
         self.eval()
 
@@ -288,9 +289,11 @@ class ImageAutoencoder(nn.Module):
         One compilation per latent shape and layout: the first decode at a shape pays it (tens of
         seconds at 512x512 on a GPU). The results are the same up to rounding. Returns self.
         """
-        self._compiled_decode = (
-            torch.compile(self._decode, backend=backend, dynamic=False) if enabled else None
-        )
+        if not enabled:
+            self._compiled_decode = None
+        elif self._compiled_decode is None or self._compile_backend != backend:  # else keep its compilations
+            self._compiled_decode = torch.compile(self._decode, backend=backend, dynamic=False)
+        self._compile_backend = backend
         return self
 
     @property

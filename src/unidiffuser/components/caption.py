@@ -432,13 +432,18 @@ class CaptionDecoder(nn.Module):
                 cache.reorder_cache(advance(beams, out.logits[:, -1], self.eos_token_id))
         return beams.best()
 
-    def enable_fast_search(self, *, cuda_graphs: bool = True) -> CaptionDecoder:
+    def enable_fast_search(
+        self, *, cuda_graphs: bool = True, compile: bool = False, backend: str = "inductor"
+    ) -> CaptionDecoder:
         """Search over a fixed-size KV cache, each step one CUDA graph replay on CUDA (opt-in).
 
         See ``components.beam.FastBeamSearch``: the same captions up to the rounding of another
-        attention kernel; the first caption of each batch size captures its graph. Returns self.
+        attention kernel; the first caption of each batch size captures its graph (and with
+        ``compile``, compiles its step first). Returns self.
         """
-        self._fast_search = FastBeamSearch(self.gpt, self.eos_token_id, cuda_graphs=cuda_graphs)
+        self._fast_search = FastBeamSearch(
+            self.gpt, self.eos_token_id, cuda_graphs=cuda_graphs, compile=compile, backend=backend
+        )
         return self
 
     @property
