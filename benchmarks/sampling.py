@@ -89,7 +89,8 @@ from unidiffuser.official import to_diffusers_keys
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SECTIONS = ("e2e", "stages", "throughput", "forward", "accuracy", "variants")
-PARTS = ("compile", "graphs", "loop", "vae", "cap", "cudnn", "fp8", "fp8t")  # see make_fast
+PARTS = ("compile", "graphs", "loop", "vae", "cap", "cudnn", "fp8", "fp8t", "fp8s")  # see make_fast
+CALIBRATION_PROMPT = "an old lighthouse on a rocky coast at dusk"  # not the timed calls' prompt
 PROMPT = "a red bicycle leaning against a blue wall"
 GUIDANCE = 7.0  # ours: (1 + s) cond - s uncond; diffusers' guidance_scale is s + 1
 
@@ -128,9 +129,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fp8", action="store_true", help="ours: the blocks' linear layers in fp8")
     parser.add_argument(
         "--fp8-scaling",
-        choices=("row", "tensor"),
+        choices=("row", "tensor", "static"),
         default="row",
-        help="ours: fp8 scales per row or per tensor",
+        help="ours: fp8 scales per row, per tensor, or per tensor fixed by a calibration call of each task",
     )
     parser.add_argument("--backend", default="inductor", help="the torch.compile backend")
     parser.add_argument("--steps", type=int, default=50, help="network evaluations per sample")
@@ -277,23 +278,26 @@ def build_diffusers(pipe: UniDiffuser):
     return theirs
 
 
-def make_fast(pipe: UniDiffuser, parts: set[str], backend: str) -> str:
+def make_fast(pipe: UniDiffuser, parts: set[str], backend: str, steps: int = 50) -> str:
     """Set our pipeline's sampling path from a set of ``PARTS``; returns its name for the tables.
 
     compile: compiled blocks; graphs: one CUDA graph per forward; loop: one CUDA graph per whole
     sampling loop (with graphs); vae: the image decoder compiled; cap: the caption search's step
-    compiled; cudnn: the network's attention through cuDNN; fp8 / fp8t: block linears in fp8 with
-    row / tensor scales.
+    compiled; cudnn: the network's attention through cuDNN; fp8 / fp8t / fp8s: block linears in
+    fp8 with row / tensor / static scales, the static ones calibrated by ``calibrate`` (another
+    prompt, picture and seed than the timed calls).
     """
     unknown = parts - set(PARTS)
     if unknown:
         raise ValueError(f"variant parts {sorted(unknown)}: expected some of {PARTS}")
-    if not parts & {"compile", "graphs", "fp8", "fp8t", "vae", "cap", "cudnn"}:
+    if not parts & {"compile", "graphs", "fp8", "fp8t", "fp8s", "vae", "cap", "cudnn"}:
         pipe.disable_fast_sampling()
         return "eager"
-    fp8 = "row" if "fp8" in parts else "tensor" if "fp8t" in parts else False
+    scalings = {"fp8": "row", "fp8t": "tensor", "fp8s": "static"}
+    fp8 = next((scalings[n] for n in scalings if n in parts), False)
     pipe.enable_fast_sampling(
         compile="compile" in parts, cuda_graphs="graphs" in parts, loop_graphs="loop" in parts, fp8=fp8,
+        fp8_calibration=(lambda p: calibrate(p, steps)) if fp8 == "static" else None,
         compile_autoencoder="vae" in parts, compile_captions="cap" in parts,
         attention="cudnn" if "cudnn" in parts else None, backend=backend,
     )  # fmt: skip
@@ -302,6 +306,14 @@ def make_fast(pipe: UniDiffuser, parts: set[str], backend: str) -> str:
     if "loop" in shown and "graphs" not in shown:
         shown.remove("loop")
     return "+".join(shown) or "eager"
+
+
+def calibrate(pipe: UniDiffuser, steps: int) -> None:
+    """One call of each timed task with another prompt, picture and seed: the static fp8 scales."""
+    seed = 12345
+    pipe.text_to_image(CALIBRATION_PROMPT, steps=steps, guidance_scale=GUIDANCE, seed=seed)
+    pipe.joint(1, steps=steps, guidance_scale=GUIDANCE, seed=seed)
+    pipe.image_to_text(picture(pipe.default_size[0], seed), steps=steps, guidance_scale=GUIDANCE, seed=seed)
 
 
 # -- measuring ----------------------------------------------------------------------------------
@@ -463,7 +475,7 @@ def main(argv: list[str] | None = None) -> None:
     compile = cuda if args.compile is None else args.compile
     graphs = cuda if args.cuda_graph is None else args.cuda_graph
     vae = compile and cuda if args.compile_autoencoder is None else args.compile_autoencoder
-    fp8 = ("fp8" if args.fp8_scaling == "row" else "fp8t") if args.fp8 else None
+    fp8 = {"row": "fp8", "tensor": "fp8t", "static": "fp8s"}[args.fp8_scaling] if args.fp8 else None
     chosen = {n for n, on in (("compile", compile), ("graphs", graphs), ("loop", args.loop_graphs and graphs),
                               ("vae", vae), ("cap", args.compile_captions), (fp8, fp8)) if on}  # fmt: skip
     if cuda:
@@ -492,7 +504,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_diffusers and set(args.sections) & {"e2e", "throughput", "forward"}:
         theirs = build_diffusers(ours).to(device, dtype)
     ours.to(device, dtype)
-    path = make_fast(ours, chosen, args.backend)
+    path = make_fast(ours, chosen, args.backend, steps)
     print(
         f"ours: {str(dtype).removeprefix('torch.')}, {path} | diffusers: {str(dtype).removeprefix('torch.')}, eager"
     )
@@ -627,7 +639,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = []
         for variant in args.variants:
             try:
-                name = make_fast(ours, set(variant.split("+")) - {"eager"}, args.backend)
+                name = make_fast(ours, set(variant.split("+")) - {"eager"}, args.backend, steps)
                 timing = measure(our_call("t2i", 1), device, args.repeats)
             except Exception as err:  # one variant that fails on this device leaves the others' rows
                 print(f"variant {variant} failed: {type(err).__name__}: {err}", flush=True)
@@ -637,7 +649,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"variant {variant}: {timing.median:.3f} s", flush=True)
         print("\nOurs by variant (text-to-image, batch 1)\n")
         print(table(("variant", "path on this device", "s", "first s", "peak MiB"), rows), flush=True)
-        make_fast(ours, chosen, args.backend)
+        make_fast(ours, chosen, args.backend, steps)
 
 
 if __name__ == "__main__":

@@ -299,6 +299,74 @@ def test_fp8_network_stays_close(tiny):
         assert rel(out[name], ref[name]) < 0.1, name
 
 
+def test_fp8_static_scale_clips_beyond_its_calibration():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    x = torch.randn(50, 64)
+    layer = Fp8Linear(linear, "static", input_amax=float(x.abs().max()))
+    assert rel(layer(x), linear(x).detach()) < 0.06  # measured 0.037, as with scales found per call
+    # inputs past the calibrated magnitude are clipped to it
+    wide = x * 5
+    clipped = wide.clamp(-float(x.abs().max()), float(x.abs().max()))
+    assert rel(layer(wide), linear(clipped).detach()) < 0.06
+    assert rel(layer(wide), linear(wide).detach()) > 0.3  # measured 0.51
+    with pytest.raises(ValueError, match="input_amax goes with scaling='static'"):
+        Fp8Linear(linear, "static")
+    with pytest.raises(ValueError, match="input_amax goes with scaling='static'"):
+        Fp8Linear(linear, "row", input_amax=1.0)
+    with pytest.raises(ValueError, match=r"input_amax=0\.0: expected a positive finite number"):
+        Fp8Linear(linear, "static", input_amax=0.0)
+
+
+def test_recorded_input_amax_sets_static_scales(tiny):
+    from unidiffuser.fast import fp8_layers, recorded_input_amax
+
+    a = random_inputs(tiny.config, 3, torch.Generator().manual_seed(1))
+    b = random_inputs(tiny.config, 3, torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        with recorded_input_amax(tiny) as first:
+            tiny(*a)
+        with recorded_input_amax(tiny) as second:
+            tiny(*b)
+        with recorded_input_amax(tiny) as both:
+            tiny(*a)
+            tiny(*b)
+        assert set(both) == set(fp8_layers(tiny)) and len(both) == 22
+        assert all(both[n] == max(first[n], second[n]) > 0 for n in both)
+        assert not tiny.in_blocks[0].attn.qkv._forward_pre_hooks  # the hooks are gone
+        ref = tiny(*b)
+        static = fp8_copy(tiny, "static", both)(*b)
+        starved = fp8_copy(tiny, "static", {n: v / 100 for n, v in both.items()})(*b)
+    for name in ref:
+        assert rel(static[name], ref[name]) < 0.1, name  # measured 0.039 to 0.050
+        assert rel(starved[name], ref[name]) > 0.3, name  # scales 100 times too small clip: 0.67 to 0.77
+    with pytest.raises(ValueError, match="no input magnitude recorded for 1 layers"):
+        fp8_copy(tiny, "static", {n: v for n, v in both.items() if n != "mid_block.mlp.fc2"})
+
+
+def test_pipeline_fp8_static_calibrates_on_the_plain_network():
+    from unidiffuser.fast import fp8_layers
+
+    pipe = tiny_pipeline(seed=0)
+    plain = pipe.text_to_image("a red circle", steps=4, return_latents=True)
+    with pytest.raises(ValueError, match="fp8='static' needs fp8_calibration"):
+        pipe.enable_fast_sampling(fp8="static", backend="aot_eager")
+    with pytest.raises(ValueError, match="fp8_calibration goes with fp8='static', not fp8=True"):
+        pipe.enable_fast_sampling(fp8=True, fp8_calibration=lambda p: None, backend="aot_eager")
+    samplers = []
+
+    def calibrate(p):
+        samplers.append(p.sampler)
+        p.text_to_image("a blue square", steps=4, seed=1)
+
+    pipe.enable_fast_sampling(fp8="static", fp8_calibration=calibrate, backend="aot_eager")
+    assert samplers == [pipe.network] and pipe.sampler.fp8 == "static"
+    fast = pipe.text_to_image("a red circle", steps=4, return_latents=True)
+    assert 0 < rel(fast.latents["img"], plain.latents["img"]) < 0.1  # measured 0.010
+    pipe.to(dtype=torch.float32)  # rebuilt with the same scales
+    assert pipe.sampler.fp8 == "static" and set(pipe.sampler.fp8_amax) == set(fp8_layers(pipe.network))
+
+
 # -- bf16, channels-last and the pipeline -------------------------------------------------------
 
 
@@ -538,9 +606,34 @@ def test_fp8_row_and_tensor_scales_on_cuda():
     linear = torch.nn.Linear(256, 512).cuda().to(torch.bfloat16)
     x = torch.randn(2, 1105, 256, device="cuda", dtype=torch.bfloat16)  # 2210 rows, not a multiple of 16
     ref = linear(x).detach()
-    for scaling in ("row", "tensor"):
-        out = Fp8Linear(linear, scaling)(x)
+    for scaling in ("row", "tensor", "static"):
+        amax = float(x.abs().max()) if scaling == "static" else None
+        out = Fp8Linear(linear, scaling, amax)(x)
         assert out.dtype == torch.bfloat16 and rel(out, ref) < 0.06, scaling
+
+
+@pytest.mark.gpu
+@cuda
+def test_fp8_static_network_on_cuda():
+    from unidiffuser.fast import recorded_input_amax
+
+    torch.manual_seed(0)
+    network = UViT(PRESETS["small"]).eval().to("cuda", torch.bfloat16)
+    a = [
+        {k: v.cuda() for k, v in d.items()}
+        for d in random_inputs(network.config, 3, torch.Generator().manual_seed(1))
+    ]
+    b = [
+        {k: v.cuda() for k, v in d.items()}
+        for d in random_inputs(network.config, 3, torch.Generator().manual_seed(2))
+    ]
+    with torch.no_grad():
+        with recorded_input_amax(network) as amax:
+            network(*a)
+        ref = network(*b)
+    out = FastNetwork(network, compile=True, cuda_graphs=True, fp8="static", fp8_amax=amax)(*b)
+    for name in ref:
+        assert rel(out[name], ref[name]) < 0.1, name
 
 
 @pytest.mark.gpu

@@ -47,7 +47,7 @@ from .network import UViT
 T = TypeVar("T")
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
-FP8_SCALINGS = ("row", "tensor")
+FP8_SCALINGS = ("row", "tensor", "static")
 ATTENTION_BACKENDS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -62,20 +62,26 @@ RECOMPILE_LIMIT = 64
 class Fp8Linear(nn.Module):
     """A frozen linear layer computed in float8 e4m3 with scales, accumulated in fp32.
 
-    ``scaling="row"`` (the default) gives every input row and every output channel of the weight
-    its own scale; ``"tensor"`` one scale for the whole input and one for the weight. Either way a
-    scale maps the largest magnitude it covers to 448 (e4m3's largest). Row scales follow each
-    token's own range, and under ``torch.compile`` a row's maximum is found in the same kernel as
-    the norm or activation that produced the row; a tensor scale needs a pass over the whole input
-    first. The product comes out in the input's dtype.
+    A scale maps the largest magnitude it covers to 448 (e4m3's largest). ``scaling``:
+
+    - "row" (the default): a scale per input row and per output channel of the weight, the input's
+      found at every call.
+    - "tensor": one scale for the whole input, found at every call (a pass over the input before
+      the product), and one for the weight.
+    - "static": one fixed input scale, from ``input_amax``, the largest input magnitude seen on
+      calibration data (``recorded_input_amax``); larger inputs are clipped to it. Scaling is then
+      a multiplication that ``torch.compile`` fuses into the kernel that made the input.
+
+    The product comes out in the input's dtype.
 
     Args:
         linear: the layer to copy; its in and out features must be multiples of 16 (the fp8
             matrix product's requirement).
-        scaling: "row" or "tensor".
+        scaling: "row", "tensor" or "static".
+        input_amax: with "static", the input magnitude that maps to 448.
     """
 
-    def __init__(self, linear: nn.Linear, scaling: str = "row"):
+    def __init__(self, linear: nn.Linear, scaling: str = "row", input_amax: float | None = None):
         super().__init__()
         if scaling not in FP8_SCALINGS:
             raise ValueError(f"scaling={scaling!r}: expected one of {FP8_SCALINGS}")
@@ -85,6 +91,11 @@ class Fp8Linear(nn.Module):
                 f"Fp8Linear: in_features={in_features} and out_features={out_features} must be "
                 "multiples of 16"
             )
+        static = scaling == "static"
+        if static != (input_amax is not None):
+            raise ValueError("Fp8Linear: input_amax goes with scaling='static', and only with it")
+        if static and not (0 < input_amax < float("inf")):
+            raise ValueError(f"Fp8Linear: input_amax={input_amax!r}: expected a positive finite number")
         self.scaling = scaling
         w = linear.weight.detach().float()  # (out, in)
         amax = w.abs().amax(dim=1, keepdim=True) if scaling == "row" else w.abs().amax()
@@ -93,16 +104,23 @@ class Fp8Linear(nn.Module):
         self.register_buffer("weight_scale", scale.t() if scaling == "row" else scale)  # (1, out) or ()
         bias = None if linear.bias is None else linear.bias.detach().clone()
         self.register_buffer("bias", bias)
+        if static:
+            self.register_buffer("input_scale", torch.tensor(input_amax / FP8_MAX, device=w.device))
+            self.register_buffer("input_inverse", torch.tensor(FP8_MAX / input_amax, device=w.device))
 
     def forward(self, x: Tensor) -> Tensor:
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)  # (M, K)
-        if self.scaling == "row":
-            amax = x2.abs().amax(dim=1, keepdim=True).float()  # (M, 1)
+        if self.scaling == "static":
+            scale = self.input_scale
+            xq = (x2.float() * self.input_inverse).clamp(-FP8_MAX, FP8_MAX).to(FP8)  # (M, K)
         else:
-            amax = x2.abs().amax().float()
-        scale = amax.clamp_min(1e-12) / FP8_MAX
-        xq = (x2.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)  # (M, K)
+            if self.scaling == "row":
+                amax = x2.abs().amax(dim=1, keepdim=True).float()  # (M, 1)
+            else:
+                amax = x2.abs().amax().float()
+            scale = amax.clamp_min(1e-12) / FP8_MAX
+            xq = (x2.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)  # (M, K)
         y = torch._scaled_mm(xq, self.weight.t(), scale_a=scale, scale_b=self.weight_scale, out_dtype=x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
@@ -117,23 +135,72 @@ def default_fp8_scaling(device: torch.device) -> str:
     return "row"
 
 
-def fp8_copy(network: UViT, scaling: str | None = None) -> UViT:
+def fp8_layers(network: nn.Module) -> list[str]:
+    """The names of the linear layers that fp8 replaces: each block's qkv, proj, fc1, fc2 and skip."""
+    ends = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "skip_linear")
+    return [
+        name
+        for name, module in network.named_modules()
+        if isinstance(module, nn.Linear)
+        and name.split(".")[0] in ("in_blocks", "mid_block", "out_blocks")
+        and name.endswith(ends)
+    ]
+
+
+@contextmanager
+def recorded_input_amax(network: UViT) -> Iterator[dict[str, float]]:
+    """The largest input magnitude of each fp8 layer (``fp8_layers``) over the forwards run inside.
+
+    Yields a dict that is filled, {layer name: amax}, when the block exits; the network runs as
+    usual meanwhile (its plain forward: a compiled or captured copy is not seen).
+    """
+    seen: dict[str, Tensor] = {}
+
+    def record(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            amax = args[0].detach().abs().amax().float()
+            seen[name] = torch.maximum(seen[name], amax) if name in seen else amax
+
+        return hook
+
+    handles = [network.get_submodule(n).register_forward_pre_hook(record(n)) for n in fp8_layers(network)]
+    found: dict[str, float] = {}
+    try:
+        yield found
+    finally:
+        for handle in handles:
+            handle.remove()
+        found.update({name: float(amax) for name, amax in seen.items()})
+
+
+def fp8_copy(
+    network: UViT, scaling: str | None = None, input_amax: Mapping[str, float] | None = None
+) -> UViT:
     """A copy of the network whose block linear layers (qkv, proj, fc1, fc2, skip) run in fp8.
 
-    ``scaling`` is "row" or "tensor" (see ``Fp8Linear``); None picks ``default_fp8_scaling``. The
-    copy is for sampling only (its buffers are not the network's state dict); the network itself
-    is unchanged.
+    ``scaling`` is "row", "tensor" or "static" (see ``Fp8Linear``); None picks
+    ``default_fp8_scaling``. "static" needs ``input_amax`` for every layer, as
+    ``recorded_input_amax`` gives it. The copy is for sampling only (its buffers are not the
+    network's state dict); the network itself is unchanged.
     """
     if network.device.type == "cuda" and torch.cuda.get_device_capability(network.device) < (8, 9):
         name = torch.cuda.get_device_name(network.device)
         raise ValueError(f"fp8: {name} has no fp8 tensor cores (they start with Ada and Hopper, sm_89)")
     scaling = default_fp8_scaling(network.device) if scaling is None else scaling
+    layers = fp8_layers(network)
+    if scaling == "static":
+        missing = [n for n in layers if not (input_amax or {}).get(n)]
+        if missing:
+            raise ValueError(
+                f"fp8 static scales: no input magnitude recorded for {len(missing)} layers ({missing[0]}, ...); "
+                "record them with recorded_input_amax over sampling calls that reach every block"
+            )
     fast = copy.deepcopy(network).eval().requires_grad_(False)
-    for blk in (*fast.in_blocks, fast.mid_block, *fast.out_blocks):
-        for parent, name in ((blk.attn, "qkv"), (blk.attn, "proj"), (blk.mlp, "fc1"), (blk.mlp, "fc2")):
-            setattr(parent, name, Fp8Linear(getattr(parent, name), scaling))
-        if blk.skip_linear is not None:
-            blk.skip_linear = Fp8Linear(blk.skip_linear, scaling)
+    for name in layers:
+        parent_name, _, attr = name.rpartition(".")
+        parent = fast.get_submodule(parent_name)
+        amax = input_amax[name] if scaling == "static" else None
+        setattr(parent, attr, Fp8Linear(getattr(parent, attr), scaling, amax))
     return fast
 
 
@@ -237,7 +304,9 @@ class FastNetwork:
         cuda_graphs: on a CUDA device, capture the forward as a CUDA graph per input shape and
             replay it; ignored on other devices.
         fp8: run the blocks' linear layers in fp8 (a private copy of the network; see
-            ``fp8_copy``): True (the device's default scales), "row" or "tensor".
+            ``fp8_copy``): True (the device's default scales), "row", "tensor" or "static".
+        fp8_amax: with ``fp8="static"``, each layer's calibrated input magnitude
+            (``recorded_input_amax``).
         loop_graphs: with CUDA graphs, capture whole sampling loops too (``sample_loop``).
         attention: the scaled-dot-product attention kernel, one of ``ATTENTION_BACKENDS``
             ("cudnn", "flash", "efficient", "math"); None lets PyTorch choose.
@@ -252,6 +321,7 @@ class FastNetwork:
         compile: bool = True,
         cuda_graphs: bool = True,
         fp8: bool | str = False,
+        fp8_amax: Mapping[str, float] | None = None,
         loop_graphs: bool = True,
         attention: str | None = None,
         backend: str = "inductor",
@@ -265,7 +335,8 @@ class FastNetwork:
         if fp8 not in (False, True, *FP8_SCALINGS):
             raise ValueError(f"fp8={fp8!r}: expected True, False or one of {FP8_SCALINGS}")
         self.network = network
-        self.module = fp8_copy(network, None if fp8 is True else fp8) if fp8 else network
+        self.module = fp8_copy(network, None if fp8 is True else fp8, fp8_amax) if fp8 else network
+        self.fp8_amax = fp8_amax
         self.compile, self.cuda_graphs, self.fp8, self.backend = compile, cuda_graphs, fp8, backend
         self.loop_graphs, self.attention = loop_graphs, attention
         self._run_block = (

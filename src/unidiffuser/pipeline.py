@@ -25,7 +25,7 @@ from PIL import Image
 from torch import Tensor
 
 from .components.images import load_image, resize_and_crop, to_pil, to_tensor
-from .fast import FastNetwork
+from .fast import FastNetwork, recorded_input_amax
 from .network import UViT
 from .schedule import NoiseSchedule
 from .solvers import official_orders, sample_ddim, time_uniform_grid
@@ -125,6 +125,7 @@ class UniDiffuser:
                 compile=fast.compile,
                 cuda_graphs=fast.cuda_graphs,
                 fp8=fast.fp8,
+                fp8_amax=fast.fp8_amax,
                 loop_graphs=fast.loop_graphs,
                 attention=fast.attention,
                 backend=fast.backend,
@@ -140,6 +141,7 @@ class UniDiffuser:
         compile: bool = True,
         cuda_graphs: bool = True,
         fp8: bool | str = False,
+        fp8_calibration: Callable[[UniDiffuser], object] | None = None,
         loop_graphs: bool = True,
         attention: str | None = None,
         channels_last: bool = True,
@@ -158,7 +160,10 @@ class UniDiffuser:
             compile: ``torch.compile`` the network's forward.
             cuda_graphs: capture the forward as CUDA graphs (on CUDA devices only).
             fp8: the transformer blocks' linear layers in fp8 (Hopper and Ada GPUs, or the CPU):
-                True, or "row" / "tensor" to choose the scales (``fast.Fp8Linear``).
+                True, or "row" / "tensor" / "static" to choose the scales (``fast.Fp8Linear``).
+            fp8_calibration: with ``fp8="static"``, a function that samples with this pipeline,
+                e.g. ``lambda pipe: pipe.text_to_image(["a prompt"])``; it runs once, on the plain
+                network, and the largest input each fp8 layer sees there becomes its fixed scale.
             loop_graphs: with CUDA graphs, capture each whole sampling loop (network calls and
                 solver updates) as one graph; calls with a ``progress`` callback step through
                 the loop instead, one captured forward per step.
@@ -177,9 +182,21 @@ class UniDiffuser:
         Returns:
             self.
         """
+        amax = None
+        if fp8 == "static":
+            if fp8_calibration is None:
+                raise ValueError(
+                    "fp8='static' needs fp8_calibration: a function that samples with the pipeline, "
+                    "e.g. lambda pipe: pipe.text_to_image(['a photo of a dog']); its activations set the scales"
+                )
+            self.disable_fast_sampling()  # calibrate on the plain network
+            with recorded_input_amax(self.network) as amax:
+                fp8_calibration(self)
+        elif fp8_calibration is not None:
+            raise ValueError(f"fp8_calibration goes with fp8='static', not fp8={fp8!r}")
         self._fast = FastNetwork(
-            self.network, compile=compile, cuda_graphs=cuda_graphs, fp8=fp8, loop_graphs=loop_graphs,
-            attention=attention, backend=backend,
+            self.network, compile=compile, cuda_graphs=cuda_graphs, fp8=fp8, fp8_amax=amax,
+            loop_graphs=loop_graphs, attention=attention, backend=backend,
         )  # fmt: skip
         self.autoencoder.to_channels_last(channels_last)
         if compile_autoencoder is None:
