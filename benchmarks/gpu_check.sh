@@ -15,8 +15,8 @@
 #              accuracy against eager fp32 (SECTIONS="..." picks others). If it fails before its
 #              limit, it runs again uncompiled, eager.
 #   variants   our text-to-image at batch 1 per fast-path variant (no diffusers)
-#   fp8        our end-to-end times, stages and accuracy with the blocks' linear layers in fp8 and
-#              the caption search's step compiled
+#   fp8        our end-to-end times, stages and accuracy with the blocks' linear layers in fp8 with
+#              static scales (calibrated on one call of each task with another prompt and seed)
 #   parts      benchmarks/parts.py: linear layers bf16 against fp8, attention per SDPA backend,
 #              the image decoder eager and compiled
 #   train      benchmarks/train.py: the released size in bf16 at batch 16, and at batch 32 with
@@ -57,13 +57,13 @@ step() {  # step NAME CAP_SECONDS COMMAND...: run COMMAND for at most CAP second
 
 if [[ $preset == tiny ]]; then
     rows=(small:no:0:8 small:no:0:8:1)
-    variants=(eager compile compile+vae compile+fp8)
+    variants=(eager compile compile+vae compile+fp8 compile+fp8s)
     extra=(--backend aot_eager --batch-sizes 2 --forward-batch 2 --steps 5)
     parts=(--small --backend aot_eager --repeats 3)
 else
     rows=(unidiffuser-v1:bf16:0:16 unidiffuser-v1:bf16:0:16:1 unidiffuser-v1:bf16:1:32 unidiffuser-v1:bf16:1:32:1)
     variants=(compile+graphs compile+graphs+loop compile+graphs+loop+vae compile+graphs+loop+vae+cudnn
-        compile+graphs+loop+vae+fp8 compile+graphs+loop+vae+fp8t compile+graphs+loop+vae+cudnn+fp8)
+        compile+graphs+loop+vae+fp8 compile+graphs+loop+vae+fp8s)
     extra=()
     parts=()
 fi
@@ -80,7 +80,7 @@ if ((rc != 0 && rc != 124 && rc != 137)); then
 fi
 step variants 160 python3 benchmarks/sampling.py --preset "$preset" --device "$device" --no-diffusers \
     --sections variants --variants "${variants[@]}" --repeats 5 "${extra[@]}"
-step fp8 120 python3 benchmarks/sampling.py --preset "$preset" --device "$device" --fp8 --compile-captions \
+step fp8 150 python3 benchmarks/sampling.py --preset "$preset" --device "$device" --fp8 --fp8-scaling static \
     --no-diffusers --repeats 3 --sections e2e stages accuracy "${extra[@]}"
 step parts 100 python3 benchmarks/parts.py --device "$device" "${parts[@]}"
 step train 200 python3 benchmarks/train.py --device "$device" --steps 5 --warmup 2 --rows "${rows[@]}"

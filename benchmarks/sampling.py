@@ -56,9 +56,10 @@ and, with ``--sections accuracy``, the relative error against our eager fp32 pat
 latents after 50 steps; with fp8 block linears (``--dtype bf16 --fp8``) 3.0e-2 to 4.2e-2 and
 3.3e-3 to 4.9e-3.
 
-GPU figures for the released size (one H200, 2026-11-26) are in the README's Speed section and,
-raw, in ``benchmarks/results/2026-11-26-h200.md``: text-to-image 0.536 s, joint 0.806 s and
-image-to-text 0.606 s at batch 1, 3.0 to 3.7 times less than diffusers'.
+GPU figures for the released size (one H100, 2026-11-26) are in the README's Speed section and,
+raw, in ``benchmarks/results/2026-11-26-h100.md``: in bf16 text-to-image 0.516 s, joint 0.788 s
+and image-to-text 0.610 s at batch 1, 4.2 to 4.6 times less than diffusers'; with static fp8
+scales 0.423 s, 0.647 s and 0.501 s.
 """
 
 from __future__ import annotations
@@ -124,7 +125,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="ours: torch.compile the image decoder (default: with --compile on CUDA)",
     )
     parser.add_argument(
-        "--compile-captions", action="store_true", help="ours: torch.compile the caption search's step"
+        "--compile-captions",
+        action=argparse.BooleanOptionalAction,
+        help="ours: torch.compile the caption search's step (default: with --compile on CUDA)",
     )
     parser.add_argument("--fp8", action="store_true", help="ours: the blocks' linear layers in fp8")
     parser.add_argument(
@@ -475,9 +478,10 @@ def main(argv: list[str] | None = None) -> None:
     compile = cuda if args.compile is None else args.compile
     graphs = cuda if args.cuda_graph is None else args.cuda_graph
     vae = compile and cuda if args.compile_autoencoder is None else args.compile_autoencoder
+    cap = compile and cuda if args.compile_captions is None else args.compile_captions
     fp8 = {"row": "fp8", "tensor": "fp8t", "static": "fp8s"}[args.fp8_scaling] if args.fp8 else None
     chosen = {n for n, on in (("compile", compile), ("graphs", graphs), ("loop", args.loop_graphs and graphs),
-                              ("vae", vae), ("cap", args.compile_captions), (fp8, fp8)) if on}  # fmt: skip
+                              ("vae", vae), ("cap", cap), (fp8, fp8)) if on}  # fmt: skip
     if cuda:
         where = f"{torch.cuda.get_device_name(device)} | CUDA {torch.version.cuda}"
     else:

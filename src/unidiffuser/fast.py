@@ -21,7 +21,10 @@ network or its state dict: the fp8 option works on a private copy.
 ``fp8=True`` runs the transformer blocks' linear layers in float8 (e4m3) with a scale per input row
 and per output channel (per tensor on Ada GPUs), the format of Hopper's fp8 tensor cores
 (``torch._scaled_mm``; the CPU has it too, slowly): attention, the norms, embeddings and heads stay
-in the network's dtype.
+in the network's dtype. Finding each input's scale at every call costs a pass over it; on an H100
+that ate the faster product's gain. ``fp8="static"`` fixes each layer's input scale from
+calibration calls (``recorded_input_amax``), and the scaling then fuses into the kernel that
+makes the input: text-to-image 1.22 times faster than bf16 end to end there.
 
 A sampling loop has fixed shapes and a fixed time grid, so with CUDA graphs the whole loop, every
 network call and every solver update, is captured as one graph per task and shape (``sample_loop``,

@@ -147,7 +147,7 @@ class UniDiffuser:
         channels_last: bool = True,
         compile_autoencoder: bool | None = None,
         fast_captions: bool | None = None,
-        compile_captions: bool = False,
+        compile_captions: bool | None = None,
         backend: str = "inductor",
     ) -> UniDiffuser:
         """Sample through a compiled, graph-captured network (opt-in; see ``fast.FastNetwork``).
@@ -176,7 +176,7 @@ class UniDiffuser:
                 replay per token (``CaptionDecoder.enable_fast_search``). None (the default): on
                 where CUDA graphs run, since on the CPU it saves nothing over the growing cache.
             compile_captions: with the fixed-cache search, ``torch.compile`` its step (one
-                compilation per batch size).
+                compilation per batch size). None (the default): with ``compile``, on a CUDA device.
             backend: the ``torch.compile`` backend.
 
         Returns:
@@ -202,6 +202,8 @@ class UniDiffuser:
         if compile_autoencoder is None:
             compile_autoencoder = compile and self.device.type == "cuda"
         self.autoencoder.compile_decoder(compile_autoencoder, backend=backend)
+        if compile_captions is None:
+            compile_captions = compile and self.device.type == "cuda"
         self._fast_captions, self._compile_captions = fast_captions, compile_captions
         self._set_fast_captions()
         return self

@@ -175,7 +175,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--fast", action="store_true",
         help="compiled network, CUDA graphs on a GPU (the first call compiles: tens of seconds)",
     )  # fmt: skip
-    p.add_argument("--fp8", action="store_true", help="with --fast: fp8 linear layers (Hopper/Ada GPUs)")
+    p.add_argument(
+        "--fp8", action="store_true",
+        help="with --fast: fp8 linear layers, scales found at every call (Hopper/Ada GPUs); on an H100 "
+        "no faster than bf16 end to end: the faster fixed scales need calibration calls, see "
+        "UniDiffuser.enable_fast_sampling(fp8='static') in the README",
+    )  # fmt: skip
     p.add_argument("--out", default="samples", help="output folder")
     p.set_defaults(func=cmd_sample)
 
