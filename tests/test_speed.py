@@ -502,6 +502,22 @@ def test_parts_benchmark_runs_on_the_cpu(capsys, monkeypatch):
 # -- on a CUDA device ---------------------------------------------------------------------------
 
 
+def cuda_inputs(config, batch: int, seed: int) -> tuple[dict, dict]:
+    """Random inputs and timesteps of ``batch`` rows (seeded on the CPU), on the GPU."""
+    inputs, times = random_inputs(config, batch, torch.Generator().manual_seed(seed))
+    return {k: v.cuda() for k, v in inputs.items()}, {k: v.cuda() for k, v in times.items()}
+
+
+def small_on_cuda(batch: int, seed: int = 0):
+    """The small preset in bf16 on the GPU, random inputs of ``batch`` rows and its eager outputs."""
+    torch.manual_seed(0)
+    network = UViT(PRESETS["small"]).eval().to("cuda", torch.bfloat16)
+    inputs, times = cuda_inputs(network.config, batch, seed)
+    with torch.no_grad():
+        ref = network(inputs, times)
+    return network, inputs, times, ref
+
+
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -510,17 +526,14 @@ def test_compiled_cuda_graphs_equal_the_network_on_cuda(dtype):
     network = UViT(PRESETS["small"]).eval().to("cuda", dtype)
     fast = FastNetwork(network, compile=True, cuda_graphs=True)
     for seed in (0, 1, 2):  # later calls replay the graph on new inputs
-        inputs, times = random_inputs(network.config, 3, torch.Generator().manual_seed(seed))
-        inputs = {k: v.cuda() for k, v in inputs.items()}
-        times = {k: v.cuda() for k, v in times.items()}
+        inputs, times = cuda_inputs(network.config, 3, seed)
         with torch.no_grad():
             ref = network(inputs, times)
         out = fast(inputs, times)
         for name in ref:
             assert rel(out[name], ref[name]) < (1e-4 if dtype == torch.float32 else 0.02), name
     assert fast.num_graphs == 1
-    inputs, times = random_inputs(network.config, 5)
-    fast({k: v.cuda() for k, v in inputs.items()}, {k: v.cuda() for k, v in times.items()})
+    fast(*cuda_inputs(network.config, 5, seed=0))
     assert fast.num_graphs == 2
 
 
@@ -529,13 +542,7 @@ def test_compiled_cuda_graphs_equal_the_network_on_cuda(dtype):
 def test_fp8_on_cuda():
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("no fp8 tensor cores")
-    torch.manual_seed(0)
-    network = UViT(PRESETS["small"]).eval().to("cuda", torch.bfloat16)
-    inputs, times = random_inputs(network.config, 3)
-    inputs = {k: v.cuda() for k, v in inputs.items()}
-    times = {k: v.cuda() for k, v in times.items()}
-    with torch.no_grad():
-        ref = network(inputs, times)
+    network, inputs, times, ref = small_on_cuda(3)
     out = FastNetwork(network, compile=True, cuda_graphs=True, fp8=True)(inputs, times)
     for name in ref:
         assert rel(out[name], ref[name]) < 0.1, name
@@ -585,13 +592,7 @@ def test_captured_loops_sample_what_the_plain_loop_samples(task):
 @cuda
 @pytest.mark.parametrize("attention", ["cudnn", "flash"])
 def test_attention_kernels_on_cuda(attention):
-    torch.manual_seed(0)
-    network = UViT(PRESETS["small"]).eval().to("cuda", torch.bfloat16)
-    inputs, times = random_inputs(network.config, 2)
-    inputs = {k: v.cuda() for k, v in inputs.items()}
-    times = {k: v.cuda() for k, v in times.items()}
-    with torch.no_grad():
-        ref = network(inputs, times)
+    network, inputs, times, ref = small_on_cuda(2)
     out = FastNetwork(network, compile=True, cuda_graphs=True, attention=attention)(inputs, times)
     for name in ref:
         assert rel(out[name], ref[name]) < 0.02, name
@@ -617,21 +618,10 @@ def test_fp8_row_and_tensor_scales_on_cuda():
 def test_fp8_static_network_on_cuda():
     from unidiffuser.fast import recorded_input_amax
 
-    torch.manual_seed(0)
-    network = UViT(PRESETS["small"]).eval().to("cuda", torch.bfloat16)
-    a = [
-        {k: v.cuda() for k, v in d.items()}
-        for d in random_inputs(network.config, 3, torch.Generator().manual_seed(1))
-    ]
-    b = [
-        {k: v.cuda() for k, v in d.items()}
-        for d in random_inputs(network.config, 3, torch.Generator().manual_seed(2))
-    ]
-    with torch.no_grad():
-        with recorded_input_amax(network) as amax:
-            network(*a)
-        ref = network(*b)
-    out = FastNetwork(network, compile=True, cuda_graphs=True, fp8="static", fp8_amax=amax)(*b)
+    network, inputs, times, ref = small_on_cuda(3, seed=2)
+    with torch.no_grad(), recorded_input_amax(network) as amax:
+        network(*cuda_inputs(network.config, 3, seed=1))  # calibrated on other inputs
+    out = FastNetwork(network, compile=True, cuda_graphs=True, fp8="static", fp8_amax=amax)(inputs, times)
     for name in ref:
         assert rel(out[name], ref[name]) < 0.1, name
 
