@@ -340,6 +340,10 @@ def test_recorded_input_amax_sets_static_scales(tiny):
     for name in ref:
         assert rel(static[name], ref[name]) < 0.1, name  # measured 0.039 to 0.050
         assert rel(starved[name], ref[name]) > 0.3, name  # scales 100 times too small clip: 0.67 to 0.77
+    with pytest.raises(ValueError, match="fp8_amax goes with fp8='static'"):
+        FastNetwork(tiny, fp8=True, fp8_amax=both)
+    with pytest.raises(ValueError, match="fp8_amax goes with fp8='static'"):
+        FastNetwork(tiny, fp8="static")
     with pytest.raises(ValueError, match="no input magnitude recorded for 1 layers"):
         fp8_copy(tiny, "static", {n: v for n, v in both.items() if n != "mid_block.mlp.fc2"})
 

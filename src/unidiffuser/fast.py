@@ -337,6 +337,8 @@ class FastNetwork:
             raise ValueError(f"attention={attention!r}: expected None or one of {tuple(ATTENTION_BACKENDS)}")
         if fp8 not in (False, True, *FP8_SCALINGS):
             raise ValueError(f"fp8={fp8!r}: expected True, False or one of {FP8_SCALINGS}")
+        if (fp8_amax is not None) != (fp8 == "static"):
+            raise ValueError(f"fp8_amax goes with fp8='static' (recorded_input_amax), got fp8={fp8!r}")
         self.network = network
         self.module = fp8_copy(network, None if fp8 is True else fp8, fp8_amax) if fp8 else network
         self.fp8_amax = fp8_amax

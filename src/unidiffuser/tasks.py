@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 from math import prod
 
 import torch
@@ -134,8 +135,7 @@ class NoiseTape:
         if calls < 1:
             raise ValueError(f"calls={calls}: expected at least one model call")
         self.shapes, self.calls = [tuple(s) for s in shapes], calls
-        sizes = [prod(s) for s in self.shapes] * calls
-        self.offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        self.offsets = list(accumulate([prod(s) for s in self.shapes] * calls, initial=0))
         self.buffer = torch.zeros(self.offsets[-1], device=device)  # the noise the model reads
         self._host: Tensor | None = None  # pinned staging memory for CPU draws to a GPU
         self._copied: torch.cuda.Event | None = None
@@ -175,8 +175,8 @@ class NoiseTape:
             for _ in range(self.calls)
             for shape in self.shapes
         ]
-        if gen_device == self.buffer.device:
-            torch.cat(pieces, out=self.buffer)
+        if gen_device.type != "cpu" or self.buffer.device.type == "cpu":  # no host staging needed
+            self.buffer.copy_(torch.cat(pieces))
             return
         if self._host is None:
             self._host = torch.empty(self.buffer.shape, pin_memory=self.buffer.device.type == "cuda")

@@ -229,16 +229,19 @@ class _Plan:
         vocab = weight.shape[0]
         self.beams = first_beams(weight.new_zeros(batch, vocab), beam_size, eos, max_new_tokens)
         self.graph: torch.cuda.CUDAGraph | None = None
+
         # With a backend, GPT-2's step, the search's update and the cache reorder are compiled
         # each apart (fewer, fused kernels per token). Inductor compiling the three as one
         # function changed the captions of a confident random decoder on the CPU (torch 2.13),
         # the three apart give the reference's exactly.
-        compiled = (
-            (lambda f: torch.compile(f, backend=compile_backend, dynamic=False)) if compile_backend else None
+        def wrap(f):
+            return torch.compile(f, backend=compile_backend, dynamic=False) if compile_backend else f
+
+        self._model_step, self._advance, self._reorder = (
+            wrap(self.model.step),
+            wrap(advance),
+            wrap(self.model.reorder),
         )
-        self._model_step = compiled(self.model.step) if compiled else self.model.step
-        self._advance = compiled(advance) if compiled else advance
-        self._reorder = compiled(self.model.reorder) if compiled else self.model.reorder
 
     def step(self) -> None:
         beams = self.beams
