@@ -293,7 +293,7 @@ def make_fast(pipe: UniDiffuser, parts: set[str], backend: str, steps: int = 50)
     unknown = parts - set(PARTS)
     if unknown:
         raise ValueError(f"variant parts {sorted(unknown)}: expected some of {PARTS}")
-    if not parts & {"compile", "graphs", "fp8", "fp8t", "fp8s", "vae", "cap", "cudnn"}:
+    if not parts - {"loop"}:  # a loop graph needs the per-forward graphs' path: alone it is eager
         pipe.disable_fast_sampling()
         return "eager"
     scalings = {"fp8": "row", "fp8t": "tensor", "fp8s": "static"}
