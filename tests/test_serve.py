@@ -475,3 +475,34 @@ def test_limits_refuse_impossible_values():
         Limits(samples=0)
     with pytest.raises(ValueError, match="frames=1"):
         Limits(frames=1)
+
+
+def test_command_serves_the_fast_path_with_static_fp8_scales(model_dir, tmp_path, monkeypatch):
+    import torch
+    from starlette.testclient import TestClient
+
+    from unidiffuser.cli import main
+    from unidiffuser.fast import FastNetwork, fp8_layers
+
+    enable, pipes, apps = UniDiffuser.enable_fast_sampling, [], []
+
+    def eager_enable(self, **kw):  # the real path, with a backend that needs no C++ compiler
+        pipes.append(self)
+        return enable(self, **kw, backend="aot_eager")
+
+    class Server:
+        def run(self, sockets):
+            sockets[0].close()
+
+    monkeypatch.setattr(UniDiffuser, "enable_fast_sampling", eager_enable)
+    monkeypatch.setattr("unidiffuser.serve.app.make_server", lambda app: apps.append(app) or Server())
+    args = ["serve", "--model", str(model_dir), "--port", "0", "--out", str(tmp_path), "--max-steps", "4"]
+    assert main([*args, "--fp8", "static"]) == 0
+    (pipe,) = pipes
+    assert isinstance(pipe.sampler, FastNetwork) and pipe.sampler.fp8 == "static"
+    assert set(pipe.sampler.fp8_amax) == set(fp8_layers(pipe.network))  # calibrated on every layer
+    with TestClient(apps[0]) as client:
+        answer = client.post("/api/text_to_image", json={"prompt": "a red circle", "steps": 4})
+    assert answer.status_code == 200 and len(answer.json()["images"]) == 1
+    assert main([*args, "--dtype", "bf16"]) == 0 and len(pipes) == 1  # no --fast: the plain path
+    assert {p.dtype for p in apps[1].state.worker.pipe.network.parameters()} == {torch.bfloat16}

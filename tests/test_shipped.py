@@ -88,11 +88,25 @@ def test_sample_without_model_uses_the_shipped_model(tmp_path, capsys):
     assert (tmp_path / "t2i_000.png").is_file()
 
 
-def test_sample_fast_flags_enable_the_fast_path(tmp_path, monkeypatch):
+def test_sample_fast_flags_enable_the_fast_path(tmp_path, monkeypatch, capsys):
     from unidiffuser.pipeline import UniDiffuser
 
-    calls = []
+    calls, calibrated = [], []
     monkeypatch.setattr(UniDiffuser, "enable_fast_sampling", lambda self, **kw: calls.append(kw) or self)
-    args = ["sample", "--mode", "t", "--steps", "3", "--fast", "--fp8", "--out", str(tmp_path)]
-    assert main(args) == 0
-    assert calls == [{"fp8": True}]
+    monkeypatch.setattr(
+        "unidiffuser.pipeline.calibrate_on_every_task", lambda pipe, **kw: calibrated.append(kw)
+    )
+    args = ["sample", "--mode", "t", "--steps", "3", "--out", str(tmp_path)]
+    for flags in ([], ["--fast"], ["--fp8"], ["--fast", "--fp8", "tensor"], ["--fp8", "static"]):
+        assert main(args + flags) == 0
+    assert [(kw["fp8"], kw["fp8_calibration"]) for kw in calls[:3]] == [
+        (False, None),
+        ("row", None),
+        ("tensor", None),
+    ]
+    assert calls[3]["fp8"] == "static" and not calibrated
+    calls[3]["fp8_calibration"](None)  # what enable_fast_sampling runs on the plain network
+    assert calibrated == [{"steps": 3, "seed": 0}]  # every task, at the command's steps
+    with pytest.raises(SystemExit):
+        main([*args, "--fp8", "per-row"])
+    assert "--fp8: invalid choice: 'per-row'" in capsys.readouterr().err

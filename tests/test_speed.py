@@ -353,8 +353,6 @@ def test_pipeline_fp8_static_calibrates_on_the_plain_network():
 
     pipe = tiny_pipeline(seed=0)
     plain = pipe.text_to_image("a red circle", steps=4, return_latents=True)
-    with pytest.raises(ValueError, match="fp8='static' needs fp8_calibration"):
-        pipe.enable_fast_sampling(fp8="static", backend="aot_eager")
     with pytest.raises(ValueError, match="fp8_calibration goes with fp8='static', not fp8=True"):
         pipe.enable_fast_sampling(fp8=True, fp8_calibration=lambda p: None, backend="aot_eager")
     samplers = []
@@ -369,6 +367,20 @@ def test_pipeline_fp8_static_calibrates_on_the_plain_network():
     assert 0 < rel(fast.latents["img"], plain.latents["img"]) < 0.1  # measured 0.010
     pipe.to(dtype=torch.float32)  # rebuilt with the same scales
     assert pipe.sampler.fp8 == "static" and set(pipe.sampler.fp8_amax) == set(fp8_layers(pipe.network))
+
+
+def test_fp8_static_without_a_calibration_calibrates_on_every_task():
+    from unidiffuser.fast import recorded_input_amax
+    from unidiffuser.pipeline import calibrate_on_every_task
+
+    pipe = tiny_pipeline(seed=0)
+    with recorded_input_amax(pipe.network) as t2i_only:
+        pipe.text_to_image("a red circle", steps=50)
+    with recorded_input_amax(pipe.network) as every_task:
+        calibrate_on_every_task(pipe)
+    pipe.enable_fast_sampling(fp8="static", backend="aot_eager")
+    assert pipe.sampler.fp8_amax == every_task  # the same calls, the same largest inputs
+    assert any(every_task[n] > t2i_only[n] for n in every_task)  # joint and i2t reach further
 
 
 # -- bf16, channels-last and the pipeline -------------------------------------------------------

@@ -164,6 +164,8 @@ class UniDiffuser:
             fp8_calibration: with ``fp8="static"``, a function that samples with this pipeline,
                 e.g. ``lambda pipe: pipe.text_to_image(["a prompt"])``; it runs once, on the plain
                 network, and the largest input each fp8 layer sees there becomes its fixed scale.
+                None: ``calibrate_on_every_task`` (joint, then text-to-image from its caption and
+                image-to-text from its picture, 50 steps each at the default guidance).
             loop_graphs: with CUDA graphs, capture each whole sampling loop (network calls and
                 solver updates) as one graph; calls with a ``progress`` callback step through
                 the loop instead, one captured forward per step.
@@ -185,10 +187,7 @@ class UniDiffuser:
         amax = None
         if fp8 == "static":
             if fp8_calibration is None:
-                raise ValueError(
-                    "fp8='static' needs fp8_calibration: a function that samples with the pipeline, "
-                    "e.g. lambda pipe: pipe.text_to_image(['a photo of a dog']); its activations set the scales"
-                )
+                fp8_calibration = calibrate_on_every_task
             self.disable_fast_sampling()  # calibrate on the plain network
             with recorded_input_amax(self.network) as amax:
                 fp8_calibration(self)
@@ -549,6 +548,18 @@ class UniDiffuser:
         if mode not in methods:
             raise ValueError(f"mode={mode!r}: expected one of {sorted(methods)}")
         return methods[mode](**kwargs)
+
+
+def calibrate_on_every_task(pipe: UniDiffuser, *, steps: int = 50, seed: int = 0) -> None:
+    """The default calibration of static fp8 scales: one joint sample, then text-to-image from its
+    caption and image-to-text from its picture, each at the pipeline's default guidance and size.
+
+    It needs no prompt or picture of the user's, so it fits any model; the three cover every kind
+    of network call the tasks make (both modalities generated, and each one given clean).
+    """
+    pair = pipe.joint(steps=steps, seed=seed)
+    pipe.text_to_image(pair.texts, steps=steps, seed=seed)
+    pipe.image_to_text(pair.images, steps=steps, seed=seed)
 
 
 def _generator(seed: int | None) -> torch.Generator:

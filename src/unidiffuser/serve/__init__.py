@@ -17,25 +17,29 @@ from pathlib import Path
 DEFAULT_PORT = 7860
 
 
-def load_model(model: str | None, device: str = "cpu"):
-    """The pipeline to serve and its name: ``model`` a model directory, or None for the shipped model.
+def load_model(model: str | None, device: str = "cpu", dtype=None):
+    """The pipeline to serve and its name: ``model`` a model directory, or None for the shipped model;
+    ``dtype`` (a torch dtype, None for fp32) is the weights'.
 
     Raises:
         FileNotFoundError, ValueError: the directory is missing or not a model (the message says which).
     """
+    import torch
+
     from .. import shipped
     from ..pipeline import UniDiffuser
 
     if model is None:
-        return shipped.load_shipped(device), "shipped shapes model"
-    return UniDiffuser.from_pretrained(model, device=device), str(model)
+        return shipped.load_shipped(device).to(dtype=dtype), "shipped shapes model"
+    return UniDiffuser.from_pretrained(model, device=device, dtype=dtype or torch.float32), str(model)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve a model on a web page and a JSON API (the shipped shapes model unless --model)."""
     from ..devices import device_option
+    from ..sample_cli import apply_speed_arguments, torch_dtype
     from .app import bind, build_app, make_server
-    from .jobs import Limits
+    from .jobs import DEFAULTS, Limits
 
     device = str(device_option(args.device, "unidiffuser serve"))
     try:
@@ -43,11 +47,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except OSError as err:
         raise SystemExit(f"unidiffuser serve: {err}; choose another with --port") from None
     try:
-        pipe, name = load_model(args.model, device)
+        pipe, name = load_model(args.model, device, torch_dtype(args.dtype))
     except (FileNotFoundError, ValueError) as err:
         sock.close()
         where = f"--model {args.model}: " if args.model else ""  # the shipped model's error names itself
         raise SystemExit(f"unidiffuser serve: {where}{err}") from None
+    apply_speed_arguments(pipe, args, min(DEFAULTS["steps"], args.max_steps))  # calibrate as requests run
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="unidiffuser-serve-"))
     limits = Limits(samples=args.max_samples, steps=args.max_steps, queue=args.max_queue)
     app = build_app(pipe, out=out, limits=limits, model=name)
@@ -84,6 +89,7 @@ def _nonnegative_int(text: str) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     from ..cli import positive_int
+    from ..sample_cli import add_speed_arguments
     from .jobs import Limits  # light: no Gradio, no server
 
     p = sub.add_parser(
@@ -114,4 +120,5 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="requests that may wait behind the running one; more are answered 'busy'",
     )  # fmt: skip
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_speed_arguments(p)
     p.set_defaults(func=cmd_serve)
