@@ -15,8 +15,9 @@
 #              accuracy against eager fp32 (SECTIONS="..." picks others). If it fails before its
 #              limit, it runs again uncompiled, eager.
 #   variants   our text-to-image at batch 1 per fast-path variant (no diffusers)
-#   fp8        our end-to-end times, stages and accuracy with the blocks' linear layers in fp8 with
-#              static scales (calibrated on one call of each task with another prompt and seed)
+#   fp8        our end-to-end times, stages, forward, throughput and accuracy with the blocks'
+#              linear layers in fp8 with static scales (calibrated on one call of each task with
+#              another prompt and seed)
 #   parts      benchmarks/parts.py: linear layers bf16 against fp8, attention per SDPA backend,
 #              the image decoder eager and compiled
 #   train      benchmarks/train.py: the released size in bf16 at batch 16, and at batch 32 with
@@ -81,7 +82,7 @@ fi
 step variants 160 python3 benchmarks/sampling.py --preset "$preset" --device "$device" --no-diffusers \
     --sections variants --variants "${variants[@]}" --repeats 5 "${extra[@]}"
 step fp8 150 python3 benchmarks/sampling.py --preset "$preset" --device "$device" --fp8 --fp8-scaling static \
-    --no-diffusers --repeats 3 --sections e2e stages accuracy "${extra[@]}"
+    --no-diffusers --repeats 3 --sections e2e stages forward throughput accuracy "${extra[@]}"
 step parts 100 python3 benchmarks/parts.py --device "$device" "${parts[@]}"
 step train 200 python3 benchmarks/train.py --device "$device" --steps 5 --warmup 2 --rows "${rows[@]}"
 echo "== summary"
