@@ -18,7 +18,7 @@ interrupted one continues from its last checkpoint):
     model/        the finished model: components/ with the tuned U-ViT's EMA weights
     recipe.json   the options, and each stage's seconds and device
 
-``Recipe.full()`` is the shipped model's recipe (14.6 hours on 2 CPU cores, nearly all of it the
+``Recipe.full()`` is the shipped model's recipe (16.3 hours on 2 CPU cores, nearly all of it the
 U-ViT; the README lists each stage's measured time); ``Recipe.hour()`` makes a weaker model in about
 an hour there; ``Recipe.smoke()`` runs every stage for a few steps, for tests.
 """
@@ -82,7 +82,7 @@ class Recipe:
     # image latent's loss weighs tune_img_weight (the shape of an object is a few latent pixels, so
     # its share of a plain loss is small), and from step tune_text_from the text latent's loss also
     # weighs tune_text_weight (so the caption rows do not pay for the picture rows).
-    tune_steps: int = 54_000
+    tune_steps: int = 63_000
     tune_clean_prob: float = 0.5
     tune_lr: float = 1e-4
     tune_decay: int = 1500
