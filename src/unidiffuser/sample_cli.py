@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -61,10 +62,7 @@ def apply_speed_arguments(pipe, args: argparse.Namespace, steps: int) -> None:
     calibration = None
     if args.fp8 == "static":
         print(f"calibrating the fp8 scales: joint, t2i and i2t at {steps} steps", file=sys.stderr)
-
-        def calibration(p) -> None:
-            calibrate_on_every_task(p, steps=steps, seed=0)
-
+        calibration = functools.partial(calibrate_on_every_task, steps=steps, seed=0)
     pipe.enable_fast_sampling(fp8=args.fp8 or False, fp8_calibration=calibration)
 
 
