@@ -231,9 +231,12 @@ class _Plan:
         self.graph: torch.cuda.CUDAGraph | None = None
 
         # With a backend, GPT-2's step, the search's update and the cache reorder are compiled
-        # each apart (fewer, fused kernels per token). Inductor compiling the three as one
-        # function changed the captions of a confident random decoder on the CPU (torch 2.13),
-        # the three apart give the reference's exactly.
+        # each apart (fewer, fused kernels per token). Not as one function: there inductor
+        # (torch 2.13, CPU) turns the cache's `index_copy_` followed by
+        # `cache.copy_(cache.index_select(0, rows))` into a gather in place without a temporary,
+        # so a row that reads a row already overwritten gets the wrong one (reproduced with one
+        # 4-d tensor and those two lines alone; either line compiled alone is right). Apart, the
+        # three give the reference's captions exactly.
         def wrap(f):
             return torch.compile(f, backend=compile_backend, dynamic=False) if compile_backend else f
 
