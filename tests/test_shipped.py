@@ -109,3 +109,9 @@ def test_sample_fast_flags_enable_the_fast_path(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main([*args, "--fp8", "per-row"])
     assert "--fp8: invalid choice: 'per-row'" in capsys.readouterr().err
+
+
+def test_the_cli_offers_the_fp8_scalings_the_fast_path_has():
+    from unidiffuser import fast, sample_cli
+
+    assert sample_cli.FP8_SCALINGS == fast.FP8_SCALINGS  # a twin, so that --help imports no torch

@@ -27,7 +27,7 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-FP8_SCALINGS = ("row", "tensor", "static")
+FP8_SCALINGS = ("row", "tensor", "static")  # fast.FP8_SCALINGS, kept here so that --help needs no torch
 DTYPES = ("fp32", "bf16", "fp16")
 
 

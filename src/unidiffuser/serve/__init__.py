@@ -29,9 +29,10 @@ def load_model(model: str | None, device: str = "cpu", dtype=None):
     from .. import shipped
     from ..pipeline import UniDiffuser
 
+    path, name = model, str(model)
     if model is None:
-        return shipped.load_shipped(device).to(dtype=dtype), "shipped shapes model"
-    return UniDiffuser.from_pretrained(model, device=device, dtype=dtype or torch.float32), str(model)
+        path, name = shipped.shipped_model_dir(), "shipped shapes model"
+    return UniDiffuser.from_pretrained(path, device=device, dtype=dtype or torch.float32), name
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
