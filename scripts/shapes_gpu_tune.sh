@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Tune the shipped shapes model's U-ViT further on a GPU, within a time budget, and score it.
+#
+#   bash scripts/shapes_gpu_tune.sh OUT_DIR [BUDGET_SECONDS]
+#
+# The shipped network continues its tune stage (clean conditions, the image latent's loss weighed
+# 10 and the text latent's 3, as in `unidiffuser recipe shapes`) at a GPU's batch size, on the
+# recipe's 60,000 train-split scenes extracted with the shipped encoders. It trains for as many
+# steps as fit the budget: the first PROBE_STEPS measure the rate, then the run resumes with its
+# full length (the rate falls to 0 over its last fifth). OUT_DIR receives:
+#
+#   network.safetensors  the tuned EMA weights in fp16 (copy into src/unidiffuser/models/shapes
+#                        only if eval.md beats the shipped model's 192-sample figures)
+#   eval.md              unidiffuser eval shapes --seed 1 --samples 192 --steps 20 --guidance 3
+#   log.jsonl, summary.txt, *.log   the training log, each step's exit status and output
+#
+# Options (environment): DEVICE (cuda), BATCH (256), LR (2e-4), EXAMPLES (60000), EVAL_SAMPLES
+# (192), SEED (15: the tune's data order and noise), PROBE_STEPS (300), EVAL_RESERVE (150 s kept
+# for saving and scoring), WORK (a temporary folder; scenes, features and the run already there are
+# reused and resumed). A CPU check of the script (its model means nothing):
+#   DEVICE=cpu BATCH=8 EXAMPLES=256 EVAL_SAMPLES=2 PROBE_STEPS=20 EVAL_RESERVE=60 \
+#       bash scripts/shapes_gpu_tune.sh /tmp/out 200
+set -u
+out=${1:?usage: bash scripts/shapes_gpu_tune.sh OUT_DIR [BUDGET_SECONDS]}
+budget=${2:-540}
+device=${DEVICE:-cuda}
+batch=${BATCH:-256}
+lr=${LR:-2e-4}
+examples=${EXAMPLES:-60000}
+eval_samples=${EVAL_SAMPLES:-192}
+seed=${SEED:-15}
+probe_steps=${PROBE_STEPS:-300}
+eval_reserve=${EVAL_RESERVE:-150}
+work=${WORK:-$(mktemp -d)}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+end=$(($(date +%s) + budget))
+ud=(python3 -m unidiffuser.cli)
+
+step() { # step NAME COMMAND...: run COMMAND, keep its output in OUT_DIR/NAME.log, record its exit status
+    local name=$1
+    shift
+    echo "== $name: $*"
+    local start=$(date +%s)
+    "$@" 2>&1 | tee "$out/$name.log"
+    local rc=${PIPESTATUS[0]}
+    echo "$name: exit $rc after $(($(date +%s) - start))s" | tee -a "$out/summary.txt"
+    return "$rc"
+}
+
+seconds_left() { # seconds_left [RESERVE]: seconds to the budget's end less RESERVE, at least 1
+    local left=$((end - $(date +%s) - ${1:-0}))
+    echo $((left > 1 ? left : 1))
+}
+
+tune_command() { # tune_command STEPS DECAY: sets run_args to the tune stage's last phase, into WORK/tune
+    run_args=("${ud[@]}" train --data "$work/shapes/features" --init-from "$shipped"
+        --output-dir "$work/tune" --steps "$1" --batch-size "$batch" --lr "$lr" --warmup-steps 100
+        --decay-steps "$2" --ema-decay 0.999 --clean-prob 0.5 --loss-weight img=10
+        --loss-weight text=3 --checkpoint-every 1000 --keep-last 2 --log-every 50 --seed "$seed" --resume)
+}
+
+shipped=$(python3 -c "from unidiffuser.shipped import shipped_model_dir; print(shipped_model_dir())") || exit
+step prepare "${ud[@]}" recipe shapes --out "$work/shapes" --frozen-from shipped --device "$device" \
+    --set "examples=$examples" --stage components --stage data --stage features || exit
+
+# The rate: the second half of the probe's steps, past start-up and the first allocations.
+tune_command "$probe_steps" 0
+step probe "${run_args[@]}" || exit
+rate=$(python3 -c '
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1])]
+late = [r["samples_per_s"] for r in rows if "samples_per_s" in r and r["step"] > int(sys.argv[3]) // 2]
+print(sum(late) / len(late) / int(sys.argv[2]))
+' "$work/tune/log.jsonl" "$batch" "$probe_steps") || exit
+left=$(seconds_left "$eval_reserve")
+steps=$(python3 -c "print($probe_steps + max(0, int($rate * $left * 0.85)) // 100 * 100)")
+echo "probe: $rate steps/s; $left s left for training: to step $steps" | tee -a "$out/summary.txt"
+
+# Never past the budget: a run stopped early still leaves its newest checkpoint.
+tune_command "$steps" "$(((steps - probe_steps) / 5))"
+step tune timeout --signal=TERM --kill-after=10 "$(seconds_left $((eval_reserve / 2)))" "${run_args[@]}"
+cp "$work/tune/log.jsonl" "$out/log.jsonl"
+step save python3 -c '
+import sys
+from unidiffuser.pipeline import UniDiffuser
+from unidiffuser.training.checkpoint import latest_checkpoint, load_weights
+pipe = UniDiffuser.from_pretrained(sys.argv[1])
+checkpoint = latest_checkpoint(sys.argv[2])
+pipe.network.load_state_dict(load_weights(checkpoint), strict=True)  # the EMA weights
+pipe.save_pretrained(sys.argv[3])
+print("saved", checkpoint.path, "into", sys.argv[3])
+' "$shipped" "$work/tune/checkpoints" "$work/model" || exit
+step convert "${ud[@]}" convert "$work/model" "$work/model-fp16" --dtype fp16 &&
+    cp "$work/model-fp16/network.safetensors" "$out/network.safetensors"
+step eval timeout --signal=TERM --kill-after=10 "$(seconds_left)" "${ud[@]}" eval shapes \
+    --model "$work/model" --seed 1 --samples "$eval_samples" --steps 20 --guidance 3 \
+    --batch-size "$eval_samples" --device "$device" --out "$out/eval.md"
