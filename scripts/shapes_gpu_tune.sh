@@ -53,16 +53,18 @@ seconds_left() { # seconds_left [RESERVE]: seconds to the budget's end less RESE
     echo $((left > 1 ? left : 1))
 }
 
-tune_command() { # tune_command STEPS DECAY: sets run_args to the tune stage's last phase, into WORK/tune
+tune_command() { # tune_command STEPS DECAY: sets run_args to the tune stage's last phase, into WORK/shapes/tune,
+    # where the recipe's model stage looks
     run_args=("${ud[@]}" train --data "$work/shapes/features" --init-from "$shipped"
-        --output-dir "$work/tune" --steps "$1" --batch-size "$batch" --lr "$lr" --warmup-steps 100
+        --output-dir "$work/shapes/tune" --steps "$1" --batch-size "$batch" --lr "$lr" --warmup-steps 100
         --decay-steps "$2" --ema-decay 0.999 --clean-prob 0.5 --loss-weight img=10
         --loss-weight text=3 --checkpoint-every 1000 --keep-last 2 --log-every 50 --seed "$seed" --resume)
 }
 
 shipped=$(python3 -c "from unidiffuser.shipped import shipped_model_dir; print(shipped_model_dir())") || exit
-step prepare "${ud[@]}" recipe shapes --out "$work/shapes" --frozen-from shipped --device "$device" \
-    --set "examples=$examples" --stage components --stage data --stage features || exit
+# the recipe's run folder (its options must stay the same from call to call)
+recipe=("${ud[@]}" recipe shapes --out "$work/shapes" --frozen-from shipped --device "$device" --set "examples=$examples")
+step prepare "${recipe[@]}" --stage components --stage data --stage features || exit
 
 # The rate: the second half of the probe's steps, past start-up and the first allocations.
 tune_command "$probe_steps" 0
@@ -72,7 +74,7 @@ import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
 late = [r["samples_per_s"] for r in rows if "samples_per_s" in r and r["step"] > int(sys.argv[3]) // 2]
 print(sum(late) / len(late) / int(sys.argv[2]))
-' "$work/tune/log.jsonl" "$batch" "$probe_steps") || exit
+' "$work/shapes/tune/log.jsonl" "$batch" "$probe_steps") || exit
 left=$(seconds_left "$eval_reserve")
 steps=$(python3 -c "print($probe_steps + max(0, int($rate * $left * 0.85)) // 100 * 100)")
 echo "probe: $rate steps/s; $left s left for training: to step $steps" | tee -a "$out/summary.txt"
@@ -80,19 +82,11 @@ echo "probe: $rate steps/s; $left s left for training: to step $steps" | tee -a 
 # Never past the budget: a run stopped early still leaves its newest checkpoint.
 tune_command "$steps" "$(((steps - probe_steps) / 5))"
 step tune timeout --signal=TERM --kill-after=10 "$(seconds_left $((eval_reserve / 2)))" "${run_args[@]}"
-cp "$work/tune/log.jsonl" "$out/log.jsonl"
-step save python3 -c '
-import sys
-from unidiffuser.pipeline import UniDiffuser
-from unidiffuser.training.checkpoint import latest_checkpoint, load_weights
-pipe = UniDiffuser.from_pretrained(sys.argv[1])
-checkpoint = latest_checkpoint(sys.argv[2])
-pipe.network.load_state_dict(load_weights(checkpoint), strict=True)  # the EMA weights
-pipe.save_pretrained(sys.argv[3])
-print("saved", checkpoint.path, "into", sys.argv[3])
-' "$shipped" "$work/tune/checkpoints" "$work/model" || exit
-step convert "${ud[@]}" convert "$work/model" "$work/model-fp16" --dtype fp16 &&
+cp "$work/shapes/tune/log.jsonl" "$out/log.jsonl"
+rm -rf "$work/shapes/model" # the recipe's model stage: the tune's newest EMA with the shipped components
+step save "${recipe[@]}" --stage model || exit
+step convert "${ud[@]}" convert "$work/shapes/model" "$work/model-fp16" --dtype fp16 &&
     cp "$work/model-fp16/network.safetensors" "$out/network.safetensors"
 step eval timeout --signal=TERM --kill-after=10 "$(seconds_left)" "${ud[@]}" eval shapes \
-    --model "$work/model" --seed 1 --samples "$eval_samples" --steps 20 --guidance 3 \
+    --model "$work/shapes/model" --seed 1 --samples "$eval_samples" --steps 20 --guidance 3 \
     --batch-size "$eval_samples" --device "$device" --out "$out/eval.md"
