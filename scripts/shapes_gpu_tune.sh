@@ -37,6 +37,8 @@ export PYTHONUNBUFFERED=1
 end=$(($(date +%s) + budget))
 ud=(python3 -m unidiffuser.cli)
 
+# A deliberate twin of benchmarks/gpu_check.sh's step, without its time cap: here only the tune
+# and the evaluation are bounded, each by `timeout` with its own share of the budget.
 step() { # step NAME COMMAND...: run COMMAND, keep its output in OUT_DIR/NAME.log, record its exit status
     local name=$1
     shift
