@@ -255,6 +255,14 @@ def test_eval_scores_every_mode(smoke_run):
     pictures = [r for r in rows if r.task in ("t2i, 2 objects", "image variation", "joint")]
     assert all(r.extra == "" or r.extra.startswith("not a scene ") for r in pictures)
 
+    # some tasks alone: the same rows, scored on the same scenes and noise as in the whole table
+    some = evaluate(pipe, samples=2, steps=2, guidance_scales=(0.0,), batch_size=2, tasks=("i2t", "text"))
+    assert [r.task for r in some] == ["i2t, 1 object", "i2t, 2 objects"] * 2 + ["text (valid caption)"]
+    assert some == [r for r in rows if r.task.startswith("i2t") or r.task.startswith("text (")]
+    for bad in (("t2i", "captions"), ()):
+        with pytest.raises(ValueError, match="name one or more of t2i, i2t"):
+            evaluate(pipe, samples=2, steps=2, tasks=bad)
+
 
 def test_read_images_says_why_pictures_show_no_scene():
     scene = Scene((Object("circle", "red", "large", 1, 1),), "black")

@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 
+from .evaluate import TASKS
 from .recipe import PRESETS, STAGES, recipe_options
 
 WORLDS = ("shapes",)
@@ -73,6 +74,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
         log=lambda line: print(line, flush=True),
+        tasks=args.tasks,
     )
     seconds = time.perf_counter() - start
     print(
@@ -135,6 +137,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument(
         "--guidance", type=nonnegative_float, nargs="+", default=[0.0, 3.0], help="guidance scales to compare"
     )
+    e.add_argument(
+        "--tasks", nargs="+", choices=TASKS, default=list(TASKS), metavar="TASK",
+        help=f"score only these tasks' rows ({', '.join(TASKS)})",
+    )  # fmt: skip
     e.add_argument("--seed", type=int, default=0, help="seed of the scenes, prompts and noise")
     e.add_argument("--batch-size", type=positive_int, default=64, help="samples per pipeline call")
     e.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")

@@ -16,6 +16,9 @@ sample that does not parse counts as wrong on each). The other rows of generated
 the images that show no scene show none (``parse.REJECTIONS``: one colour twice, a diagonal pair,
 three or more objects, ...).
 
+``tasks`` picks rows by task (``TASKS``: t2i, i2t, image-variation, text-variation, joint, image,
+text); each kept row is scored exactly as in the whole table, on the same scenes and noise.
+
 Conditional tasks are scored on ``seen`` scenes (shape-colour pairs of the training split) and
 ``held-out`` scenes (at least one pair never shown in training), one and two objects apart. The
 scenes, prompts and sampler noise are functions of the seed, so a rerun gives the same table.
@@ -34,6 +37,8 @@ from .world import Scene, canonical, exact, matches, render, sample_scene
 
 SPLITS = {"seen": "train", "held-out": "heldout"}
 DEFAULT_GUIDANCE = (0.0, 3.0)
+# What ``evaluate(tasks=...)`` can be asked to score; each names the rows it adds.
+TASKS: tuple[str, ...] = ("t2i", "i2t", "image-variation", "text-variation", "joint", "image", "text")
 
 
 @dataclass(frozen=True)
@@ -114,10 +119,16 @@ def evaluate(
     seed: int = 0,
     batch_size: int = 64,
     log: Callable[[str], None] | None = None,
+    tasks: Sequence[str] = TASKS,
 ) -> list[Row]:
-    """Score every mode of ``pipe`` (a shapes-world ``UniDiffuser``); see the module docstring."""
+    """Score the modes of ``pipe`` (a shapes-world ``UniDiffuser``) that ``tasks`` names (every one
+    by default; see ``TASKS``), in the table's fixed order; see the module docstring."""
     if samples < 1 or steps < 1 or batch_size < 1:
         raise ValueError(f"samples={samples}, steps={steps}, batch_size={batch_size}: each must be >= 1")
+    tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise ValueError(f"tasks={list(tasks)}: name one or more of {', '.join(TASKS)}")
     size = pipe.default_size[0]
     rows: list[Row] = []
 
@@ -140,13 +151,15 @@ def evaluate(
         for split_name, split in SPLITS.items():
             for k in (1, 2):
                 scenes, prompts = _scenes(seed, split, k, samples)
-                images, _ = batched("text_to_image", prompts, guidance_scale=scale)
-                asked = [parse_caption(p) for p in prompts]
-                got, rejected = read_images(images)
-                ok = [matches(a, g) for a, g in zip(asked, got, strict=True)]
-                why = _what_went_wrong(asked, got) if k == 1 else rejected
-                add(Row(f"t2i, {k} object{'s' * (k > 1)}", split_name, scale, samples, _share(ok), why))
-
+                if "t2i" in tasks:
+                    images, _ = batched("text_to_image", prompts, guidance_scale=scale)
+                    asked = [parse_caption(p) for p in prompts]
+                    got, rejected = read_images(images)
+                    ok = [matches(a, g) for a, g in zip(asked, got, strict=True)]
+                    why = _what_went_wrong(asked, got) if k == 1 else rejected
+                    add(Row(f"t2i, {k} object{'s' * (k > 1)}", split_name, scale, samples, _share(ok), why))
+                if "i2t" not in tasks:
+                    continue
                 renders = [render(s, size) for s in scenes]
                 _, texts = batched("image_to_text", renders, guidance_scale=scale)
                 got = [parse_caption(t) for t in texts]
@@ -155,30 +168,35 @@ def evaluate(
                 add(Row(f"i2t, {k} object{'s' * (k > 1)}", split_name, scale, samples, _share(ok), why))
 
             scenes, prompts = _scenes(seed, split, None, samples)  # one or two objects
-            renders = [render(s, size) for s in scenes]
-            images, _ = batched("image_variation", renders, guidance_scale=scale)
+            if "image-variation" in tasks:
+                renders = [render(s, size) for s in scenes]
+                images, _ = batched("image_variation", renders, guidance_scale=scale)
+                got, rejected = read_images(images)
+                ok = [exact(g, s) for g, s in zip(got, scenes, strict=True)]
+                add(Row("image variation", split_name, scale, samples, _share(ok), rejected))
+            if "text-variation" in tasks:
+                _, texts = batched("text_variation", prompts, guidance_scale=scale)
+                ok = [exact(parse_caption(t), parse_caption(p)) for t, p in zip(texts, prompts, strict=True)]
+                add(Row("text variation", split_name, scale, samples, _share(ok)))
+
+        if "joint" in tasks:
+            images, texts = batched("joint", guidance_scale=scale)
             got, rejected = read_images(images)
-            ok = [exact(g, s) for g, s in zip(got, scenes, strict=True)]
-            add(Row("image variation", split_name, scale, samples, _share(ok), rejected))
-            _, texts = batched("text_variation", prompts, guidance_scale=scale)
-            ok = [exact(parse_caption(t), parse_caption(p)) for t, p in zip(texts, prompts, strict=True)]
-            add(Row("text variation", split_name, scale, samples, _share(ok)))
+            ok = [exact(parse_caption(t), g) for t, g in zip(texts, got, strict=True)]
+            add(Row("joint", "-", scale, samples, _share(ok), rejected))
 
-        images, texts = batched("joint", guidance_scale=scale)
-        got, rejected = read_images(images)
-        ok = [exact(parse_caption(t), g) for t, g in zip(texts, got, strict=True)]
-        add(Row("joint", "-", scale, samples, _share(ok), rejected))
-
-    images, _ = batched("image")
-    parsed, rejected = read_images(images)
-    distinct = len({canonical(s) for s in parsed if s is not None})
-    add(Row("image (valid scene)", "-", None, samples, _share([s is not None for s in parsed]),
-            "; ".join(filter(None, [f"{distinct} distinct scenes", rejected]))))  # fmt: skip
-    _, texts = batched("text")
-    parsed_texts = [parse_caption(t) for t in texts]
-    distinct = len({canonical(s) for s in parsed_texts if s is not None})
-    add(Row("text (valid caption)", "-", None, samples, _share([s is not None for s in parsed_texts]),
-            f"{distinct} distinct scenes"))  # fmt: skip
+    if "image" in tasks:
+        images, _ = batched("image")
+        parsed, rejected = read_images(images)
+        distinct = len({canonical(s) for s in parsed if s is not None})
+        add(Row("image (valid scene)", "-", None, samples, _share([s is not None for s in parsed]),
+                "; ".join(filter(None, [f"{distinct} distinct scenes", rejected]))))  # fmt: skip
+    if "text" in tasks:
+        _, texts = batched("text")
+        parsed_texts = [parse_caption(t) for t in texts]
+        distinct = len({canonical(s) for s in parsed_texts if s is not None})
+        add(Row("text (valid caption)", "-", None, samples, _share([s is not None for s in parsed_texts]),
+                f"{distinct} distinct scenes"))  # fmt: skip
     return rows
 
 
@@ -196,6 +214,7 @@ def format_rows(rows: Sequence[Row], header: bool = True) -> str:
 __all__ = [
     "ATTRIBUTES",
     "DEFAULT_GUIDANCE",
+    "TASKS",
     "Row",
     "attribute_shares",
     "evaluate",
