@@ -1,0 +1,227 @@
+"""Where a shapes-world model loses held-out shape-colour pairs: two measurements.
+
+``eval shapes`` says *that* held-out one-object scenes fail, and on which attribute (the shape).
+These two measurements say *where*:
+
+``shape_probe``: how well a linear probe reads the shape from one representation (the U-ViT's text
+latent of the caption, the CLIP image embedding, the autoencoder latent) of one-object scenes. It
+is fitted on the two colours shown with every shape (where the colour cannot rule a shape out) and
+tested on the other colours' seen pairs and on the held-out pairs. A representation that writes a
+held-out pair as some seen pair passes the first test and fails the second.
+
+``clip_swap``: image-to-text on held-out one-object renders, with the CLIP image embedding the
+U-ViT is given replaced by that of an edited scene (the same shape in a seen colour, or the same
+colour with a seen shape). The captions' shapes and colours then say which of the two inputs, the
+autoencoder latent or the CLIP embedding, the network reads them from.
+
+    python -m unidiffuser.shapes.composition [--model DIR]     (the shipped model by default)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .captions import caption, parse_caption
+from .world import COLOURS, HELD_OUT, SHAPES, Scene, render, sample_scene
+
+Embed = Callable[[Sequence[Scene]], Tensor]
+
+
+def _one_object(split: str, n: int, seed: int, colours: Sequence[str] | None = None) -> list[Scene]:
+    """``n`` one-object scenes of ``split``, of ``colours`` only when given."""
+    rng = np.random.default_rng(seed)
+    scenes: list[Scene] = []
+    while len(scenes) < n:
+        scene = sample_scene(rng, split, num_objects=1)
+        if colours is None or scene.objects[0].colour in colours:
+            scenes.append(scene)
+    return scenes
+
+
+# Colours shown in training with every shape: none of their pairs is held out.
+COMPLETE_COLOURS: tuple[str, ...] = tuple(c for c in COLOURS if all((s, c) not in HELD_OUT for s in SHAPES))
+OTHER_COLOURS: tuple[str, ...] = tuple(c for c in COLOURS if c not in COMPLETE_COLOURS)
+
+
+def shape_probe(embed: Embed, *, train: int = 2000, test: int = 600, seed: int = 0, iters: int = 300) -> dict:
+    """The shape read from ``embed(scenes)`` by a linear probe fitted on the complete colours only.
+
+    On ``COMPLETE_COLOURS`` (shown with every shape) the colour says nothing about the shape, so the
+    probe cannot learn to rule a shape out by colour, a rule that would fail every held-out scene
+    whatever the representation holds (on the other colours, the colour alone excludes the held-out
+    shape). The probe is then tested on the other colours: on their seen pairs (does a shape read
+    the same in a colour the probe never saw?) and on their held-out pairs (and in a pair never
+    shown in training?). A representation that writes shape and colour apart scores high on both;
+    one that writes each pair its own way scores low on both; one that writes a held-out pair as a
+    seen one scores high on the first and low on the second.
+
+    Args:
+        embed: one-object scenes -> (N, ...) features.
+        train: scenes of the complete colours the probe is fitted on (and as many seen scenes of
+            every colour for the feature scales).
+        test: scenes of each test set.
+        seed: the scenes.
+        iters: full-batch Adam steps of the probe.
+
+    Returns:
+        {"other colours, seen pairs": accuracy, "held-out pairs": accuracy}.
+    """
+    fit = _one_object("train", train, seed, COMPLETE_COLOURS)
+    # the feature scales from seen scenes of every colour (no labels): a feature the two colours
+    # leave still is not blown up where the others move it
+    x = embed(_one_object("train", train, seed + 3)).float().flatten(1)
+    mean, scale = x.mean(0), x.std(0) + 1e-6
+    x = embed(fit).float().flatten(1)
+    probe = torch.nn.Linear(x.shape[1], len(SHAPES))
+    torch.nn.init.zeros_(probe.weight)  # a feature the fit never moves keeps no weight
+    torch.nn.init.zeros_(probe.bias)
+    optimizer = torch.optim.Adam(probe.parameters(), lr=1e-2, weight_decay=1e-4)
+    inputs, shapes = (x - mean) / scale, _shapes(fit)
+    with torch.enable_grad():
+        for _ in range(iters):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(probe(inputs), shapes).backward()
+            optimizer.step()
+    scores = {}
+    for name, split, offset in (("other colours, seen pairs", "train", 1), ("held-out pairs", "heldout", 2)):
+        scenes = _one_object(split, test, seed + offset, OTHER_COLOURS)
+        with torch.no_grad():
+            guess = probe((embed(scenes).float().flatten(1) - mean) / scale).argmax(1)
+        scores[name] = float((guess == _shapes(scenes)).float().mean())
+    return scores
+
+
+def _shapes(scenes: Sequence[Scene]) -> Tensor:
+    return torch.tensor([SHAPES.index(s.objects[0].shape) for s in scenes])
+
+
+def representations(pipe, batch_size: int = 256) -> dict[str, Embed]:
+    """The U-ViT's inputs for a one-object scene, as ``shape_probe`` embeddings: the text latent of
+    a caption of it, the CLIP image embedding and the autoencoder latent of its render."""
+    size = pipe.default_size[0]
+    generator = torch.Generator().manual_seed(0)
+
+    def batched(fn: Callable[[Sequence[Scene]], Tensor]) -> Embed:
+        def embed(scenes: Sequence[Scene]) -> Tensor:
+            return torch.cat(
+                [fn(scenes[i : i + batch_size]).cpu() for i in range(0, len(scenes), batch_size)]
+            )
+
+        return embed
+
+    def text(scenes: Sequence[Scene]) -> Tensor:
+        rng = np.random.default_rng(len(scenes))
+        return pipe.encode_prompts([caption(s, rng) for s in scenes])
+
+    def image(key: str) -> Callable[[Sequence[Scene]], Tensor]:
+        return lambda scenes: pipe.encode_images([render(s, size) for s in scenes], generator)[key]
+
+    return {
+        "text latent of a caption": batched(text),
+        "CLIP image embedding": batched(image("clip_img")),
+        "autoencoder latent": batched(image("img")),
+    }
+
+
+def _edit(scene: Scene, **attributes: str) -> Scene:
+    return dataclasses.replace(scene, objects=(dataclasses.replace(scene.objects[0], **attributes),))
+
+
+def clip_swap(pipe, *, samples: int = 96, steps: int = 20, guidance: float = 3.0, seed: int = 5) -> dict:
+    """Image-to-text on held-out one-object renders, the CLIP embedding given being that of the
+    render itself, of the same shape in a seen colour, or of the same colour with a seen shape.
+
+    Returns:
+        {donor: {"shape as rendered", "shape as the CLIP donor", "colour as rendered",
+        "colour as the CLIP donor"}}: the share of captions (that parse as one object) stating
+        each; with the render itself as donor the pairs of figures agree.
+    """
+    rng = np.random.default_rng(seed)
+    scenes = _one_object("heldout", samples, seed)
+
+    def seen_colour(scene: Scene) -> Scene:
+        o = scene.objects[0]
+        return _edit(scene, colour=next(c for c in rng.permutation(list(COLOURS))
+                                        if c != o.colour and (o.shape, c) not in HELD_OUT))  # fmt: skip
+
+    def seen_shape(scene: Scene) -> Scene:
+        o = scene.objects[0]
+        return _edit(scene, shape=next(s for s in rng.permutation(SHAPES)
+                                       if s != o.shape and (s, o.colour) not in HELD_OUT))  # fmt: skip
+
+    donors = {
+        "the render itself": scenes,
+        "same shape, a seen colour": [seen_colour(s) for s in scenes],
+        "same colour, a seen shape": [seen_shape(s) for s in scenes],
+    }
+    size = pipe.default_size[0]
+    encode = pipe.encode_images
+    results = {}
+    try:
+        for name, donor in donors.items():
+            embeds = encode([render(d, size) for d in donor], torch.Generator().manual_seed(0))["clip_img"]
+
+            def swapped(images, generator, size=None, embeds=embeds):
+                given = encode(images, generator, size)
+                return {**given, "clip_img": embeds}
+
+            pipe.encode_images = swapped
+            texts = pipe.image_to_text([render(s, size) for s in scenes], steps=steps,
+                                       guidance_scale=guidance, seed=seed).texts  # fmt: skip
+            got = [parse_caption(t) for t in texts]
+            said = [g.objects[0] if g is not None and len(g.objects) == 1 else None for g in got]
+
+            def share(attribute: str, source: Sequence[Scene], said=said) -> float:
+                return float(np.mean([o is not None and getattr(o, attribute) == getattr(s.objects[0], attribute)
+                                      for o, s in zip(said, source, strict=True)]))  # fmt: skip
+
+            results[name] = {
+                "shape as rendered": share("shape", scenes),
+                "shape as the CLIP donor": share("shape", donor),
+                "colour as rendered": share("colour", scenes),
+                "colour as the CLIP donor": share("colour", donor),
+            }
+    finally:
+        pipe.encode_images = encode
+    return results
+
+
+def report(pipe, *, samples: int = 96, steps: int = 20, log: Callable[[str], None] = print) -> None:
+    """Both measurements as two Markdown tables."""
+    log(f"| representation | shape probe ({', '.join(COMPLETE_COLOURS)} scenes) on the other colours' seen "
+        "pairs | on the held-out pairs |\n|---|---|---|")  # fmt: skip
+    for name, embed in representations(pipe).items():
+        scores = shape_probe(embed)
+        log(f"| {name} | " + " | ".join(f"{v:.3f}" for v in scores.values()) + " |")
+    log(f"\n| CLIP embedding given (held-out renders, {samples} captions) | shape as rendered | shape as "
+        "the CLIP donor | colour as rendered | colour as the CLIP donor |\n|---|---|---|---|---|")  # fmt: skip
+    for name, shares in clip_swap(pipe, samples=samples, steps=steps).items():
+        log(f"| {name} | " + " | ".join(f"{v:.2f}" for v in shares.values()) + " |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..pipeline import UniDiffuser
+    from ..shipped import shipped_model_dir
+
+    parser = argparse.ArgumentParser(prog="python -m unidiffuser.shapes.composition", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--model", default=None, help="model directory; the shipped shapes model if left out")
+    parser.add_argument("--samples", type=int, default=96, help="held-out renders captioned per CLIP donor")
+    parser.add_argument("--steps", type=int, default=20, help="solver steps per caption")
+    args = parser.parse_args(argv)
+    try:
+        pipe = UniDiffuser.from_pretrained(args.model or shipped_model_dir())
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"{parser.prog}: --model {args.model}: {err}") from None
+    report(pipe, samples=args.samples, steps=args.steps, log=lambda line: print(line, flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
