@@ -92,3 +92,9 @@ def test_clip_swap_gives_the_network_the_donors_embedding(pipe):
 def test_command_names_a_missing_model(tmp_path):
     with pytest.raises(SystemExit, match=r"--model .*missing"):
         main(["--model", str(tmp_path / "missing")])
+
+
+def test_command_refuses_a_sample_count_below_one(capsys):
+    with pytest.raises(SystemExit):
+        main(["--samples", "0"])
+    assert "--samples" in capsys.readouterr().err

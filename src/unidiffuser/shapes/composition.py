@@ -206,14 +206,17 @@ def report(pipe, *, samples: int = 96, steps: int = 20, log: Callable[[str], Non
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..cli import positive_int
     from ..pipeline import UniDiffuser
     from ..shipped import shipped_model_dir
 
     parser = argparse.ArgumentParser(prog="python -m unidiffuser.shapes.composition", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--model", default=None, help="model directory; the shipped shapes model if left out")
-    parser.add_argument("--samples", type=int, default=96, help="held-out renders captioned per CLIP donor")
-    parser.add_argument("--steps", type=int, default=20, help="solver steps per caption")
+    parser.add_argument(
+        "--samples", type=positive_int, default=96, help="held-out renders captioned per CLIP donor"
+    )
+    parser.add_argument("--steps", type=positive_int, default=20, help="solver steps per caption")
     args = parser.parse_args(argv)
     try:
         pipe = UniDiffuser.from_pretrained(args.model or shipped_model_dir())
