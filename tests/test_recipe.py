@@ -263,6 +263,20 @@ def test_eval_scores_every_mode(smoke_run):
         with pytest.raises(ValueError, match="name one or more of t2i, i2t"):
             evaluate(pipe, samples=2, steps=2, tasks=bad)
 
+    # the solver asked for reaches every pipeline call
+    calls = []
+    real = pipe.text
+
+    def spy(n, **kw):
+        calls.append(kw["solver"])
+        return real(n, **kw)
+
+    pipe.text = spy
+    evaluate(pipe, samples=2, steps=2, guidance_scales=(0.0,), batch_size=1, tasks=("text",), solver="ddim")
+    assert calls == ["ddim", "ddim"]
+    with pytest.raises(ValueError, match="solver='rk4': expected one of dpm"):
+        evaluate(pipe, samples=2, steps=2, solver="rk4")
+
 
 def test_read_images_says_why_pictures_show_no_scene():
     scene = Scene((Object("circle", "red", "large", 1, 1),), "black")

@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 
+from ..solvers import SOLVERS
 from .evaluate import TASKS
 from .recipe import PRESETS, STAGES, recipe_options
 
@@ -75,10 +76,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         log=lambda line: print(line, flush=True),
         tasks=args.tasks,
+        solver=args.solver,
     )
     seconds = time.perf_counter() - start
     print(
-        f"\n{args.samples} samples per row, {args.steps} steps, seed {args.seed}: {seconds:.0f} s",
+        f"\n{args.samples} samples per row, {args.steps} steps of {args.solver}, seed {args.seed}: {seconds:.0f} s",
         file=sys.stderr,
     )
     if args.out:
@@ -141,6 +143,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--tasks", nargs="+", choices=TASKS, default=list(TASKS), metavar="TASK",
         help=f"score only these tasks' rows ({', '.join(TASKS)})",
     )  # fmt: skip
+    e.add_argument("--solver", choices=SOLVERS, default="dpm++3s", help="ODE solver (the pipeline's default)")
     e.add_argument("--seed", type=int, default=0, help="seed of the scenes, prompts and noise")
     e.add_argument("--batch-size", type=positive_int, default=64, help="samples per pipeline call")
     e.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..solvers import SOLVERS
 from .captions import caption, parse_caption
 from .parse import REJECTIONS, NotAScene, read_image
 from .world import Scene, canonical, exact, matches, render, sample_scene
@@ -120,11 +121,15 @@ def evaluate(
     batch_size: int = 64,
     log: Callable[[str], None] | None = None,
     tasks: Sequence[str] = TASKS,
+    solver: str = "dpm++3s",
 ) -> list[Row]:
     """Score the modes of ``pipe`` (a shapes-world ``UniDiffuser``) that ``tasks`` names (every one
-    by default; see ``TASKS``), in the table's fixed order; see the module docstring."""
+    by default; see ``TASKS``), in the table's fixed order, with ``solver`` (one of
+    ``solvers.SOLVERS``; the pipeline's default); see the module docstring."""
     if samples < 1 or steps < 1 or batch_size < 1:
         raise ValueError(f"samples={samples}, steps={steps}, batch_size={batch_size}: each must be >= 1")
+    if solver not in SOLVERS:
+        raise ValueError(f"solver={solver!r}: expected one of {', '.join(SOLVERS)}")
     tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
@@ -137,7 +142,7 @@ def evaluate(
         images, texts = [], []
         for i in range(0, samples if inputs is None else len(inputs), batch_size):
             first = min(batch_size, samples - i) if inputs is None else inputs[i : i + batch_size]
-            out = getattr(pipe, method)(first, steps=steps, seed=seed + i, **options)
+            out = getattr(pipe, method)(first, steps=steps, seed=seed + i, solver=solver, **options)
             images += out.images or []
             texts += out.texts or []
         return images, texts
