@@ -135,7 +135,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("world", choices=WORLDS, help="the synthetic world")
     e.add_argument("--model", default=None, help="model directory; the shipped shapes model if left out")
     e.add_argument("--samples", type=positive_int, default=64, help="samples per row")
-    e.add_argument("--steps", type=positive_int, default=20, help="solver steps per sample")
+    e.add_argument(
+        "--steps", type=positive_int, default=50, help="solver steps per sample (the pipeline's default)"
+    )
     e.add_argument(
         "--guidance", type=nonnegative_float, nargs="+", default=[0.0, 3.0], help="guidance scales to compare"
     )

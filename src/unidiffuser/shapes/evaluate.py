@@ -115,7 +115,7 @@ def evaluate(
     pipe,
     *,
     samples: int = 32,
-    steps: int = 20,
+    steps: int = 50,
     guidance_scales: Sequence[float] = DEFAULT_GUIDANCE,
     seed: int = 0,
     batch_size: int = 64,
