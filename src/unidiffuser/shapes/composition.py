@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .captions import caption, parse_caption
-from .world import COLOURS, HELD_OUT, SHAPES, Scene, render, sample_scene
+from .world import COLOURS, HELD_OUT, SHAPES, Object, Scene, render, sample_scene
 
 Embed = Callable[[Sequence[Scene]], Tensor]
 
@@ -161,35 +161,39 @@ def clip_swap(pipe, *, samples: int = 96, steps: int = 20, guidance: float = 3.0
         "same colour, a seen shape": [seen_shape(s) for s in scenes],
     }
     size = pipe.default_size[0]
+    renders = [render(s, size) for s in scenes]
     encode = pipe.encode_images
     results = {}
     try:
         for name, donor in donors.items():
-            embeds = encode([render(d, size) for d in donor], torch.Generator().manual_seed(0))["clip_img"]
+            pictures = renders if donor is scenes else [render(d, size) for d in donor]
+            embeds = encode(pictures, torch.Generator().manual_seed(0))["clip_img"]
 
             def swapped(images, generator, size=None, embeds=embeds):
                 given = encode(images, generator, size)
                 return {**given, "clip_img": embeds}
 
             pipe.encode_images = swapped
-            texts = pipe.image_to_text([render(s, size) for s in scenes], steps=steps,
+            texts = pipe.image_to_text(renders, steps=steps,
                                        guidance_scale=guidance, seed=seed).texts  # fmt: skip
             got = [parse_caption(t) for t in texts]
             said = [g.objects[0] if g is not None and len(g.objects) == 1 else None for g in got]
-
-            def share(attribute: str, source: Sequence[Scene], said=said) -> float:
-                return float(np.mean([o is not None and getattr(o, attribute) == getattr(s.objects[0], attribute)
-                                      for o, s in zip(said, source, strict=True)]))  # fmt: skip
-
             results[name] = {
-                "shape as rendered": share("shape", scenes),
-                "shape as the CLIP donor": share("shape", donor),
-                "colour as rendered": share("colour", scenes),
-                "colour as the CLIP donor": share("colour", donor),
+                "shape as rendered": _share_stating(said, scenes, "shape"),
+                "shape as the CLIP donor": _share_stating(said, donor, "shape"),
+                "colour as rendered": _share_stating(said, scenes, "colour"),
+                "colour as the CLIP donor": _share_stating(said, donor, "colour"),
             }
     finally:
         pipe.encode_images = encode
     return results
+
+
+def _share_stating(said: Sequence[Object | None], source: Sequence[Scene], attribute: str) -> float:
+    """The share of ``said`` objects (None: the caption did not state one object) whose
+    ``attribute`` is that of the ``source`` scene's object."""
+    return float(np.mean([o is not None and getattr(o, attribute) == getattr(s.objects[0], attribute)
+                          for o, s in zip(said, source, strict=True)]))  # fmt: skip
 
 
 def report(pipe, *, samples: int = 96, steps: int = 20, log: Callable[[str], None] = print) -> None:
