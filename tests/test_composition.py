@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from unidiffuser.shapes.composition import COMPLETE_COLOURS, OTHER_COLOURS, clip_swap, main, shape_probe
+import unidiffuser.pipeline
+from unidiffuser.shapes.composition import (
+    COMPLETE_COLOURS,
+    OTHER_COLOURS,
+    clip_blind,
+    clip_swap,
+    main,
+    shape_probe,
+)
 from unidiffuser.shapes.world import COLOURS, HELD_OUT, SHAPES
 from unidiffuser.shipped import load_shipped
 
@@ -87,6 +95,30 @@ def test_clip_swap_gives_the_network_the_donors_embedding(pipe):
     assert torch.equal(seen[0], seen[1])
     assert not torch.allclose(seen[2], seen[1]) and not torch.allclose(seen[4], seen[1])
     assert pipe.encode_images is real  # put back
+
+
+def test_clip_blind_gives_the_network_one_embedding_for_every_render(pipe, monkeypatch):
+    given = []
+    real = unidiffuser.pipeline.generate
+
+    def spy(*args, **kwargs):
+        given.append(kwargs["given"]["clip_img"].clone())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(unidiffuser.pipeline, "generate", spy)
+    encode = pipe.encode_images
+    results = clip_blind(pipe, samples=3, steps=2)
+    assert pipe.encode_images == encode  # put back
+    assert {name: list(shares) for name, shares in results.items()} == {
+        "the render's own": ["seen pairs", "held-out pairs"],
+        "the mean of seen scenes": ["seen pairs", "held-out pairs"],
+    }
+    assert all(0.0 <= v <= 1.0 for shares in results.values() for v in shares.values())
+    # per split: the renders' own embeddings (three different rows), then the mean (one row, thrice)
+    assert len(given) == 4
+    for own, mean in (given[0:2], given[2:4]):
+        assert not torch.allclose(own[0], own[1]) and (mean == mean[0]).all()
+    assert torch.equal(given[1], given[3])  # the same mean for both splits
 
 
 def test_command_names_a_missing_model(tmp_path):

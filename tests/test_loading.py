@@ -219,6 +219,54 @@ def test_sample_argument_errors(release_dir, args, message):
         main(["sample", "--model", str(release_dir), *args])
 
 
+def test_the_model_directory_carries_its_default_guidance(pipe, image, tmp_path):
+    assert pipe.guidance_scale == 7.0  # the released default, when nothing says otherwise
+    own = UniDiffuser(
+        pipe.network, pipe.autoencoder, pipe.image_encoder, pipe.text_encoder, pipe.caption_decoder,
+        guidance_scale=2.5,
+    )  # fmt: skip
+    own.save_pretrained(tmp_path / "own")
+    meta = json.loads((tmp_path / "own" / "unidiffuser.json").read_text())
+    assert meta["sampling"] == {"guidance_scale": 2.5}
+    again = UniDiffuser.from_pretrained(tmp_path / "own")
+    assert again.guidance_scale == 2.5
+    # a call that names no scale samples at the model's: the same as naming 2.5, not as naming 7
+    left_out = again.text_to_image("a red circle", steps=3, seed=2, return_latents=True).latents["img"]
+    named = again.text_to_image("a red circle", steps=3, seed=2, guidance_scale=2.5, return_latents=True)
+    released = again.text_to_image("a red circle", steps=3, seed=2, guidance_scale=7.0, return_latents=True)
+    assert torch.equal(left_out, named.latents["img"])
+    assert not torch.allclose(left_out, released.latents["img"])
+    out = tmp_path / "samples"
+    args = [
+        "sample",
+        "--model",
+        str(tmp_path / "own"),
+        "--prompt",
+        "a cat",
+        "--steps",
+        "2",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    assert json.loads((out / "t2i_settings.json").read_text())["guidance"] == 2.5
+    # a file written before the field existed loads with the released default
+    del meta["sampling"]
+    shutil.copytree(tmp_path / "own", tmp_path / "older")
+    (tmp_path / "older" / "unidiffuser.json").write_text(json.dumps(meta))
+    assert UniDiffuser.from_pretrained(tmp_path / "older").guidance_scale == 7.0
+    assert load_components(tmp_path / "own", ["autoencoder"]).guidance_scale == 2.5
+    for bad in (-1, "7", float("nan"), True):
+        meta["sampling"] = {"guidance_scale": bad}
+        (tmp_path / "older" / "unidiffuser.json").write_text(json.dumps(meta))
+        with pytest.raises(
+            ValueError, match=r"unidiffuser\.json: sampling\.guidance_scale=.*finite number >= 0"
+        ):
+            UniDiffuser.from_pretrained(tmp_path / "older")
+    with pytest.raises(ValueError, match=r"guidance_scale=-2: expected a finite number >= 0"):
+        UniDiffuser(pipe.network, *[getattr(pipe, n) for n in COMPONENTS], guidance_scale=-2)
+
+
 def test_loading_errors(release_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="model directory not found"):
         UniDiffuser.from_pretrained(tmp_path / "nothing")

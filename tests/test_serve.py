@@ -153,6 +153,7 @@ def test_api_describes_its_tasks_limits_and_queue(server):
     assert info["tasks"]["interpolate"]["required"] == ["image_a", "image_b"]
     assert "guidance" not in info["tasks"]["image"]["fields"]
     assert info["limits"]["samples"] == LIMITS.samples
+    assert info["tasks"]["text_to_image"]["fields"]["guidance"] == LIMITS.default_guidance
     assert info["queue"] == {"running": 0, "waiting": 0, "max_waiting": LIMITS.queue}
 
 
@@ -468,6 +469,14 @@ def test_examples_speak_the_shapes_worlds_language(tmp_path):
     for path in write_example_images(tmp_path, 32):
         image = Image.open(path)
         assert image.size == (32, 32) and parse_image(image) is not None
+
+
+def test_a_request_without_guidance_gets_the_models_own():
+    job = make_job(TASKS["text_to_image"], {"prompt": "a red circle"}, Limits(default_guidance=2.5))
+    assert job.guidance == 2.5
+    assert make_job(TASKS["text_to_image"], {"prompt": "a red circle"}, Limits()).guidance == 7.0
+    capped = Limits(guidance=4.0, default_guidance=6.0)  # a default above the limit is capped to it
+    assert make_job(TASKS["text_to_image"], {"prompt": "a red circle"}, capped).guidance == 4.0
 
 
 def test_limits_refuse_impossible_values():

@@ -141,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default=None, help="model directory; the shipped shapes model if left out")
     demo.add_argument("--out", default="gallery", help="output folder")
     demo.add_argument("--steps", type=positive_int, default=20, help="solver steps per sample")
-    demo.add_argument("--guidance", type=nonnegative_float, default=3.0, help="guidance scale")
+    demo.add_argument(
+        "--guidance", type=nonnegative_float, default=None, help="guidance scale (default: the model's own)"
+    )
     demo.add_argument("--seed", type=int, default=0, help="seed of all noise")
     demo.set_defaults(func=cmd_demo)
 

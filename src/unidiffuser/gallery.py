@@ -59,7 +59,7 @@ def write_gallery(
     out: str | Path,
     *,
     steps: int = 20,
-    guidance_scale: float = 3.0,
+    guidance_scale: float | None = None,
     seed: int = 0,
     log: Callable[[str], None] = print,
 ) -> Path:
@@ -76,6 +76,8 @@ def write_gallery(
     renders = [render(s, size) for s in scenes]
     sections: list[Section] = []
     common = {"steps": steps, "seed": seed}
+    if guidance_scale is None:
+        guidance_scale = pipe.guidance_scale  # the model's own
     guided = {**common, "guidance_scale": guidance_scale}
 
     def save(section: Section, images: list[Image.Image], captions: list[str], columns: int) -> None:

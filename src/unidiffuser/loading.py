@@ -2,7 +2,8 @@
 
 Our format (written by ``save_pipeline``, read by ``load_pipeline``), one directory::
 
-    unidiffuser.json           format version, the network config, the component configs, data_type
+    unidiffuser.json           format version, the network config, the component configs, data_type,
+                               sampling defaults ({"guidance_scale": s}; 7 when absent)
     network.safetensors        the U-ViT, our names
     autoencoder.safetensors    diffusers AutoencoderKL names
     image_encoder/             transformers CLIPVisionModelWithProjection (config.json + safetensors)
@@ -50,6 +51,7 @@ from .official import (
     load_official_state_dict,
     load_state_dict_strict,
 )
+from .pipeline import DEFAULT_GUIDANCE_SCALE, check_guidance_scale
 
 FORMAT = "unidiffuser"
 VERSION = 1
@@ -109,12 +111,14 @@ class Components:
     Attributes:
         network_config: the architecture of the directory's network, from its config files.
         data_type: the directory's data_type label for sampling.
+        guidance_scale: the directory's default guidance scale for sampling.
         autoencoder, image_encoder, text_encoder, caption_decoder: the components asked for;
             None for the others.
     """
 
     network_config: UViTConfig
     data_type: int = 1
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE
     autoencoder: Any = None
     image_encoder: Any = None
     text_encoder: Any = None
@@ -142,7 +146,9 @@ def load_pipeline(
     directory = model_directory(path)
     network = directory.network()
     parts = [getattr(directory, name)() for name in COMPONENTS]
-    pipe = UniDiffuser(network, *parts, data_type=directory.data_type)
+    pipe = UniDiffuser(
+        network, *parts, data_type=directory.data_type, guidance_scale=directory.guidance_scale
+    )
     return pipe.to(device=torch.device(device), dtype=dtype)
 
 
@@ -165,7 +171,7 @@ def load_components(
         raise ValueError(f"components {list(names)}: choose one or more of {list(COMPONENTS)}")
     directory = model_directory(path)
     loaded = {name: getattr(directory, name)() for name in names}
-    components = Components(directory.network_config(), directory.data_type, **loaded)
+    components = Components(directory.network_config(), directory.data_type, directory.guidance_scale, **loaded)
     return components.to(device=torch.device(device), dtype=dtype)
 
 
@@ -181,6 +187,7 @@ class ModelDirectory:
     """Where one layout keeps each part; every method reads the files of its own part only."""
 
     data_type = 1  # the released model samples curated data (v1's label 1)
+    guidance_scale = DEFAULT_GUIDANCE_SCALE  # the sampling calls' default
 
     def __init__(self, path: Path):
         self.path = path
@@ -217,6 +224,13 @@ class OursDirectory(ModelDirectory):
                 f"{self.meta.get('version')!r}, expected {FORMAT!r} {VERSION}"
             )
         self.data_type = int(self.meta.get("data_type", 1))
+        sampling = self.meta.get("sampling", {})
+        if not isinstance(sampling, dict):
+            raise ValueError(f"{path / 'unidiffuser.json'}: 'sampling' must be an object, got {sampling!r}")
+        self.guidance_scale = check_guidance_scale(
+            sampling.get("guidance_scale", DEFAULT_GUIDANCE_SCALE),
+            f"{path / 'unidiffuser.json'}: sampling.guidance_scale",
+        )
 
     def network_config(self) -> UViTConfig:
         return UViTConfig.from_dict(self.meta["network"])
@@ -277,6 +291,7 @@ def save_pipeline(pipe, path: str | Path) -> None:
             "autoencoder": pipe.autoencoder.config.to_dict(),
             "caption_decoder": dec.config.to_dict(),
             "data_type": pipe.data_type,
+            "sampling": {"guidance_scale": pipe.guidance_scale},
         }
         (tmp / "unidiffuser.json").write_text(json.dumps(meta, indent=2, default=_jsonable) + "\n")
         os.rename(tmp, path)

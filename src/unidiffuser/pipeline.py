@@ -32,6 +32,7 @@ from .solvers import official_orders, sample_ddim, time_uniform_grid
 from .tasks import TASKS, TaskModel, generate, generate_chain
 
 ImageInput = Image.Image | str | Path
+DEFAULT_GUIDANCE_SCALE = 7.0  # the released model's; a model directory may name its own
 Progress = Callable[[int, int], None]  # (steps done, steps in all)
 
 
@@ -57,6 +58,8 @@ class UniDiffuser:
         schedule: the noise schedule (Stable Diffusion's by default).
         data_type: v1's data_type label for sampling (1: the curated data the released model
             prefers); ignored by models without that label.
+        guidance_scale: the guidance scale of every call that does not give one (7, the released
+            default, unless the model directory's ``unidiffuser.json`` names its own).
     """
 
     def __init__(
@@ -69,6 +72,7 @@ class UniDiffuser:
         *,
         schedule: NoiseSchedule | None = None,
         data_type: int = 1,
+        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
     ):
         cfg = network.config
         names = {m.name for m in cfg.modalities}
@@ -84,6 +88,7 @@ class UniDiffuser:
         self.caption_decoder = caption_decoder
         self.schedule = schedule or NoiseSchedule()
         self.data_type = data_type
+        self.guidance_scale = check_guidance_scale(guidance_scale, "guidance_scale")
         img = cfg.modality("img")
         self.latent_channels, self.latent_size = img.shape[0], img.shape[1:]
         self.downsample = autoencoder.config.downsample  # 8 for KL-f8
@@ -289,6 +294,8 @@ class UniDiffuser:
 
     def _sampling_args(self, steps, guidance_scale, solver, progress, height, width) -> dict:
         h, w = self._check_size(height, width)
+        if guidance_scale is None:
+            guidance_scale = self.guidance_scale
         callback = None
         if progress is not None:
             total = len(official_orders(steps)) if solver == "dpm++3s" else steps  # solver steps
@@ -327,7 +334,7 @@ class UniDiffuser:
         *,
         num_samples: int = 1,
         steps: int = 50,
-        guidance_scale: float = 7.0,
+        guidance_scale: float | None = None,
         guidance: str = "uncond",
         negative_prompt: str | None = None,
         seed: int | None = 0,
@@ -340,7 +347,7 @@ class UniDiffuser:
         """Images for each prompt (num_samples each, prompt-major order).
 
         Args:
-            guidance_scale: s in (1 + s) cond - s uncond; the released default is 7.
+            guidance_scale: s in (1 + s) cond - s uncond; None: the model's (``self.guidance_scale``).
             guidance: "uncond" (the text made absent) or "empty" (the empty prompt at t = 0).
             negative_prompt: a prompt to steer away from (used as the unconditional text).
             height, width: output pixels, multiples of 16 (the trained size by default).
@@ -362,7 +369,7 @@ class UniDiffuser:
         *,
         num_samples: int = 1,
         steps: int = 50,
-        guidance_scale: float = 7.0,
+        guidance_scale: float | None = None,
         seed: int | None = 0,
         solver: str = "dpm++3s",
         return_latents: bool = False,
@@ -383,7 +390,7 @@ class UniDiffuser:
         num_samples: int = 1,
         *,
         steps: int = 50,
-        guidance_scale: float = 7.0,
+        guidance_scale: float | None = None,
         seed: int | None = 0,
         height: int | None = None,
         width: int | None = None,
@@ -431,7 +438,7 @@ class UniDiffuser:
         *,
         num_samples: int = 1,
         steps: int = 50,
-        guidance_scale: float = 7.0,
+        guidance_scale: float | None = None,
         seed: int | None = 0,
         solver: str = "dpm++3s",
         return_latents: bool = False,
@@ -452,7 +459,7 @@ class UniDiffuser:
         *,
         num_samples: int = 1,
         steps: int = 50,
-        guidance_scale: float = 7.0,
+        guidance_scale: float | None = None,
         seed: int | None = 0,
         solver: str = "dpm++3s",
         return_latents: bool = False,
@@ -472,7 +479,7 @@ class UniDiffuser:
         *,
         hops: int = 4,
         steps: int = 50,
-        guidance_scale: float = 7.0,
+        guidance_scale: float | None = None,
         seed: int | None = 0,
         solver: str = "dpm++3s",
     ) -> Output:
@@ -560,6 +567,21 @@ def calibrate_on_every_task(pipe: UniDiffuser, *, steps: int = 50, seed: int = 0
     pair = pipe.joint(steps=steps, seed=seed)
     pipe.text_to_image(pair.texts, steps=steps, seed=seed)
     pipe.image_to_text(pair.images, steps=steps, seed=seed)
+
+
+def check_guidance_scale(value, where: str) -> float:
+    """A model's default guidance scale as a float, or a ValueError that says what ``where`` holds."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ValueError(
+            f"{where}={value!r}: expected a finite number >= 0 ({DEFAULT_GUIDANCE_SCALE:g} is the "
+            "released model's default)"
+        )
+    return float(value)
 
 
 def _generator(seed: int | None) -> torch.Generator:

@@ -92,6 +92,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"unidiffuser sample: --model {args.model}: {err}") from None
     pipe.data_type = args.data_type
+    if args.guidance is None:
+        args.guidance = pipe.guidance_scale  # the model's own, and so it is in the settings file
     apply_speed_arguments(pipe, args, args.steps)
 
     solver_steps = len(official_orders(args.steps)) if args.solver == "dpm++3s" else args.steps
@@ -191,7 +193,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", action="append", help="an image file (repeat for several)")
     p.add_argument("-n", "--num-samples", type=positive_int, default=1, help="samples per prompt or image")
     p.add_argument("--steps", type=positive_int, default=50, help="model evaluations of the solver")
-    p.add_argument("--guidance", type=nonnegative_float, default=7.0, help="guidance scale s")
+    p.add_argument(
+        "--guidance", type=nonnegative_float, default=None,
+        help="guidance scale s (default: the model's own: 7 for the released weights, 3 for the shipped model)",
+    )  # fmt: skip
     p.add_argument(
         "--guidance-mode", choices=("uncond", "empty"), default="uncond",
         help="unconditional term: the condition absent, or the empty prompt (t2i)",

@@ -55,7 +55,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise SystemExit(f"unidiffuser serve: {where}{err}") from None
     apply_speed_arguments(pipe, args, min(DEFAULTS["steps"], args.max_steps))  # calibrate as requests run
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="unidiffuser-serve-"))
-    limits = Limits(samples=args.max_samples, steps=args.max_steps, queue=args.max_queue)
+    limits = Limits(
+        samples=args.max_samples,
+        steps=args.max_steps,
+        queue=args.max_queue,
+        default_guidance=pipe.guidance_scale,
+    )
     app = build_app(pipe, out=out, limits=limits, model=name)
     host = f"[{args.host}]" if ":" in args.host else args.host
     port = sock.getsockname()[1]

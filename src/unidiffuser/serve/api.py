@@ -38,7 +38,10 @@ def describe(worker: Worker, limits: Limits, model: str) -> dict[str, Any]:
     tasks = {
         task.name: {
             "summary": task.summary,
-            "fields": {name: limits.default(name) if name in DEFAULTS else None for name in task.fields()},
+            "fields": {
+                name: limits.default(name) if name in DEFAULTS or name == "guidance" else None
+                for name in task.fields()
+            },
             "required": (["prompt"] if task.prompt else []) + list(task.images),
         }
         for task in TASKS.values()

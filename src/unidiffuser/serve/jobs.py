@@ -91,8 +91,9 @@ SERVED_TASKS: tuple[ServedTask, ...] = (
 )  # fmt: skip
 TASKS: dict[str, ServedTask] = {task.name: task for task in SERVED_TASKS}
 
-# What a request that leaves a field out gets; the page starts from the same values.
-DEFAULTS: dict[str, Any] = {"steps": 25, "guidance": 7.0, "seed": 0, "samples": 1, "frames": 5}
+# What a request that leaves a field out gets; the page starts from the same values. The guidance
+# scale is the model's own (``Limits.default_guidance``).
+DEFAULTS: dict[str, Any] = {"steps": 25, "seed": 0, "samples": 1, "frames": 5}
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,7 @@ class Limits:
         image_bytes: bytes of an uploaded image file.
         image_side: pixels of the longer side of an uploaded image.
         queue: requests that may wait behind the running one; more are answered "busy".
+        default_guidance: the guidance scale of a request that leaves it out (the model's own).
     """
 
     samples: int = 4
@@ -118,10 +120,11 @@ class Limits:
     image_bytes: int = 8 * 2**20
     image_side: int = 4096
     queue: int = 8
+    default_guidance: float = 7.0
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
-            low = 0 if name in ("queue", "guidance") else 1
+            low = 0 if name in ("queue", "guidance", "default_guidance") else 1
             if not value >= low:
                 raise ValueError(f"Limits.{name}={value!r}: expected a number >= {low}")
         if self.frames < 2:
@@ -129,7 +132,7 @@ class Limits:
 
     def default(self, name: str) -> Any:
         """The value of a field a request leaves out: ``DEFAULTS``, capped at the limit."""
-        value = DEFAULTS[name]
+        value = self.default_guidance if name == "guidance" else DEFAULTS[name]
         return (
             min(value, getattr(self, name)) if name in ("steps", "guidance", "samples", "frames") else value
         )

@@ -71,7 +71,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         pipe,
         samples=args.samples,
         steps=args.steps,
-        guidance_scales=args.guidance,
+        guidance_scales=args.guidance if args.guidance is not None else (0.0, pipe.guidance_scale),
         seed=args.seed,
         batch_size=args.batch_size,
         log=lambda line: print(line, flush=True),
@@ -139,7 +139,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--steps", type=positive_int, default=50, help="solver steps per sample (the pipeline's default)"
     )
     e.add_argument(
-        "--guidance", type=nonnegative_float, nargs="+", default=[0.0, 3.0], help="guidance scales to compare"
+        "--guidance",
+        type=nonnegative_float,
+        nargs="+",
+        default=None,
+        help="guidance scales to compare (default: 0 and the model's own)",
     )
     e.add_argument(
         "--tasks", nargs="+", choices=TASKS, default=list(TASKS), metavar="TASK",

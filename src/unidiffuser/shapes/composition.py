@@ -1,7 +1,7 @@
-"""Where a shapes-world model loses held-out shape-colour pairs: two measurements.
+"""Where a shapes-world model loses held-out shape-colour pairs: three measurements.
 
 ``eval shapes`` says *that* held-out one-object scenes fail, and on which attribute (the shape).
-These two measurements say *where*:
+These measurements say *where*:
 
 ``shape_probe``: how well a linear probe reads the shape from one representation (the U-ViT's text
 latent of the caption, the CLIP image embedding, the autoencoder latent) of one-object scenes. It
@@ -13,6 +13,10 @@ held-out pair as some seen pair passes the first test and fails the second.
 U-ViT is given replaced by that of an edited scene (the same shape in a seen colour, or the same
 colour with a seen shape). The captions' shapes and colours then say which of the two inputs, the
 autoencoder latent or the CLIP embedding, the network reads them from.
+
+``clip_blind``: image-to-text on seen and held-out one-object renders with the CLIP embedding
+replaced by the mean embedding of seen scenes, which tells no scene from another: how much of a
+caption the network can read from the autoencoder latent alone.
 
     python -m unidiffuser.shapes.composition [--model DIR]     (the shipped model by default)
 """
@@ -28,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .captions import caption, parse_caption
-from .world import COLOURS, HELD_OUT, SHAPES, Object, Scene, render, sample_scene
+from .world import COLOURS, HELD_OUT, SHAPES, Object, Scene, exact, render, sample_scene
 
 Embed = Callable[[Sequence[Scene]], Tensor]
 
@@ -162,31 +166,57 @@ def clip_swap(pipe, *, samples: int = 96, steps: int = 20, guidance: float = 3.0
     }
     size = pipe.default_size[0]
     renders = [render(s, size) for s in scenes]
-    encode = pipe.encode_images
     results = {}
+    for name, donor in donors.items():
+        pictures = renders if donor is scenes else [render(d, size) for d in donor]
+        embeds = pipe.encode_images(pictures, torch.Generator().manual_seed(0))["clip_img"]
+        got = _captions_read(pipe, renders, embeds, steps=steps, guidance=guidance, seed=seed)
+        said = [g.objects[0] if g is not None and len(g.objects) == 1 else None for g in got]
+        results[name] = {
+            "shape as rendered": _share_stating(said, scenes, "shape"),
+            "shape as the CLIP donor": _share_stating(said, donor, "shape"),
+            "colour as rendered": _share_stating(said, scenes, "colour"),
+            "colour as the CLIP donor": _share_stating(said, donor, "colour"),
+        }
+    return results
+
+
+def clip_blind(pipe, *, samples: int = 96, steps: int = 20, guidance: float = 3.0, seed: int = 5) -> dict:
+    """Image-to-text on seen and held-out one-object renders, the CLIP embedding given being the
+    render's own or the mean embedding of 512 seen scenes (which tells no scene from another).
+
+    Returns:
+        {embedding: {split: share of captions stating the rendered object exactly}}. Where the
+        mean costs little, the network reads the scene from the autoencoder latent.
+    """
+    size = pipe.default_size[0]
+    seen = [render(s, size) for s in _one_object("train", 512, seed + 1)]
+    mean = pipe.encode_images(seen, torch.Generator().manual_seed(0))["clip_img"].mean(0)
+    results: dict[str, dict[str, float]] = {"the render's own": {}, "the mean of seen scenes": {}}
+    for split, label in (("train", "seen pairs"), ("heldout", "held-out pairs")):
+        scenes = _one_object(split, samples, seed)
+        renders = [render(s, size) for s in scenes]
+        own = pipe.encode_images(renders, torch.Generator().manual_seed(0))["clip_img"]
+        for name, embeds in (("the render's own", own), ("the mean of seen scenes", mean.expand_as(own))):
+            got = _captions_read(pipe, renders, embeds, steps=steps, guidance=guidance, seed=seed)
+            results[name][label] = float(np.mean([exact(g, s) for g, s in zip(got, scenes, strict=True)]))
+    return results
+
+
+def _captions_read(pipe, renders, embeds: Tensor, *, steps: int, guidance: float, seed: int) -> list:
+    """Image-to-text on ``renders`` with ``embeds`` as the CLIP image embeddings the network is
+    given: each caption parsed (None where it does not parse)."""
+    encode = pipe.encode_images
+
+    def swapped(images, generator, size=None):
+        return {**encode(images, generator, size), "clip_img": embeds}
+
+    pipe.encode_images = swapped
     try:
-        for name, donor in donors.items():
-            pictures = renders if donor is scenes else [render(d, size) for d in donor]
-            embeds = encode(pictures, torch.Generator().manual_seed(0))["clip_img"]
-
-            def swapped(images, generator, size=None, embeds=embeds):
-                given = encode(images, generator, size)
-                return {**given, "clip_img": embeds}
-
-            pipe.encode_images = swapped
-            texts = pipe.image_to_text(renders, steps=steps,
-                                       guidance_scale=guidance, seed=seed).texts  # fmt: skip
-            got = [parse_caption(t) for t in texts]
-            said = [g.objects[0] if g is not None and len(g.objects) == 1 else None for g in got]
-            results[name] = {
-                "shape as rendered": _share_stating(said, scenes, "shape"),
-                "shape as the CLIP donor": _share_stating(said, donor, "shape"),
-                "colour as rendered": _share_stating(said, scenes, "colour"),
-                "colour as the CLIP donor": _share_stating(said, donor, "colour"),
-            }
+        texts = pipe.image_to_text(renders, steps=steps, guidance_scale=guidance, seed=seed).texts
     finally:
         pipe.encode_images = encode
-    return results
+    return [parse_caption(t) for t in texts]
 
 
 def _share_stating(said: Sequence[Object | None], source: Sequence[Scene], attribute: str) -> float:
@@ -197,7 +227,7 @@ def _share_stating(said: Sequence[Object | None], source: Sequence[Scene], attri
 
 
 def report(pipe, *, samples: int = 96, steps: int = 20, log: Callable[[str], None] = print) -> None:
-    """Both measurements as two Markdown tables."""
+    """The three measurements as three Markdown tables."""
     log(f"| representation | shape probe ({', '.join(COMPLETE_COLOURS)} scenes) on the other colours' seen "
         "pairs | on the held-out pairs |\n|---|---|---|")  # fmt: skip
     for name, embed in representations(pipe).items():
@@ -206,6 +236,10 @@ def report(pipe, *, samples: int = 96, steps: int = 20, log: Callable[[str], Non
     log(f"\n| CLIP embedding given (held-out renders, {samples} captions) | shape as rendered | shape as "
         "the CLIP donor | colour as rendered | colour as the CLIP donor |\n|---|---|---|---|---|")  # fmt: skip
     for name, shares in clip_swap(pipe, samples=samples, steps=steps).items():
+        log(f"| {name} | " + " | ".join(f"{v:.2f}" for v in shares.values()) + " |")
+    log(f"\n| CLIP embedding given (one-object renders, {samples} captions) | exact captions, seen pairs | "
+        "held-out pairs |\n|---|---|---|")  # fmt: skip
+    for name, shares in clip_blind(pipe, samples=samples, steps=steps).items():
         log(f"| {name} | " + " | ".join(f"{v:.2f}" for v in shares.values()) + " |")
 
 

@@ -332,6 +332,7 @@ def write_samples(
         components.text_encoder,
         components.caption_decoder,
         data_type=components.data_type,
+        guidance_scale=components.guidance_scale,
     )
     prompts = list(prompts)
     t2i = pipe.text_to_image(prompts, steps=steps, seed=seed)
