@@ -171,7 +171,9 @@ def load_components(
         raise ValueError(f"components {list(names)}: choose one or more of {list(COMPONENTS)}")
     directory = model_directory(path)
     loaded = {name: getattr(directory, name)() for name in names}
-    components = Components(directory.network_config(), directory.data_type, directory.guidance_scale, **loaded)
+    components = Components(
+        directory.network_config(), directory.data_type, directory.guidance_scale, **loaded
+    )
     return components.to(device=torch.device(device), dtype=dtype)
 
 
