@@ -195,7 +195,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=positive_int, default=50, help="model evaluations of the solver")
     p.add_argument(
         "--guidance", type=nonnegative_float, default=None,
-        help="guidance scale s (default: the model's own: 7 for the released weights, 3 for the shipped model)",
+        help="guidance scale s (default: the model's own, 7 for the released weights)",
     )  # fmt: skip
     p.add_argument(
         "--guidance-mode", choices=("uncond", "empty"), default="uncond",

@@ -120,7 +120,7 @@ class Limits:
     image_bytes: int = 8 * 2**20
     image_side: int = 4096
     queue: int = 8
-    default_guidance: float = 7.0
+    default_guidance: float = 7.0  # the released model's (pipeline.DEFAULT_GUIDANCE_SCALE)
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
