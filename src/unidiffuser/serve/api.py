@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
-from .jobs import DEFAULTS, TASKS, Busy, Limits, RequestError, Worker, decode_base64, make_job
+from .jobs import TASKS, Busy, Limits, RequestError, Worker, decode_base64, make_job
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = 5
@@ -38,10 +38,7 @@ def describe(worker: Worker, limits: Limits, model: str) -> dict[str, Any]:
     tasks = {
         task.name: {
             "summary": task.summary,
-            "fields": {
-                name: limits.default(name) if name in DEFAULTS or name == "guidance" else None
-                for name in task.fields()
-            },
+            "fields": {name: limits.default(name) for name in task.fields()},
             "required": (["prompt"] if task.prompt else []) + list(task.images),
         }
         for task in TASKS.values()

@@ -131,8 +131,11 @@ class Limits:
             raise ValueError(f"Limits.frames={self.frames}: an interpolation needs at least 2 frames")
 
     def default(self, name: str) -> Any:
-        """The value of a field a request leaves out: ``DEFAULTS``, capped at the limit."""
-        value = self.default_guidance if name == "guidance" else DEFAULTS[name]
+        """The value of a field a request leaves out: ``DEFAULTS`` or the model's guidance, capped
+        at the limit; None for a field that has no default (a prompt, an image)."""
+        value = self.default_guidance if name == "guidance" else DEFAULTS.get(name)
+        if value is None:
+            return None
         return (
             min(value, getattr(self, name)) if name in ("steps", "guidance", "samples", "frames") else value
         )
