@@ -17,11 +17,14 @@
 #   variants   our text-to-image at batch 1 per fast-path variant (no diffusers)
 #   fp8        our end-to-end times, stages, forward, throughput and accuracy with the blocks'
 #              linear layers in fp8 with static scales (calibrated on one call of each task with
-#              another prompt and seed)
+#              another prompt and seed; FP8_SECTIONS="..." picks others)
 #   parts      benchmarks/parts.py: linear layers bf16 against fp8, attention per SDPA backend,
 #              the image decoder eager and compiled
 #   train      benchmarks/train.py: the released size in bf16 at batch 16, and at batch 32 with
 #              gradient checkpointing, each with and without compiled blocks
+#
+# STEPS="fp8 sampling tests" runs those steps alone, in that order (default: all, in the order
+# above): on a short lease, put first what is missing.
 #
 # PRESET=tiny DEVICE=cpu runs the same steps on the CPU with the tiny components (a smoke test of
 # this script; its figures mean nothing).
@@ -70,20 +73,40 @@ else
 fi
 sections=(${SECTIONS:-e2e stages throughput forward accuracy})
 
-step tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_speed.py tests/test_devices.py \
-    tests/test_caption_decoder.py
-step sampling 300 python3 benchmarks/sampling.py --preset "$preset" --device "$device" \
-    --repeats 3 --throughput-repeats 1 --sections "${sections[@]}" "${extra[@]}"
-rc=$?
-if ((rc != 0 && rc != 124 && rc != 137)); then
-    step sampling_eager 200 python3 benchmarks/sampling.py --preset "$preset" --device "$device" \
-        --no-compile --no-cuda-graph --repeats 3 --sections e2e stages forward "${extra[@]}"
-fi
-step variants 160 python3 benchmarks/sampling.py --preset "$preset" --device "$device" --no-diffusers \
-    --sections variants --variants "${variants[@]}" --repeats 5 "${extra[@]}"
-step fp8 150 python3 benchmarks/sampling.py --preset "$preset" --device "$device" --fp8 --fp8-scaling static \
-    --no-diffusers --repeats 3 --sections e2e stages forward throughput accuracy "${extra[@]}"
-step parts 100 python3 benchmarks/parts.py --device "$device" "${parts[@]}"
-step train 200 python3 benchmarks/train.py --device "$device" --steps 5 --warmup 2 --rows "${rows[@]}"
+run_step() {  # run_step NAME: one of the steps listed at the top
+    case $1 in
+    tests)
+        step tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_speed.py \
+            tests/test_devices.py tests/test_caption_decoder.py
+        ;;
+    sampling)
+        step sampling 300 python3 benchmarks/sampling.py --preset "$preset" --device "$device" \
+            --repeats 3 --throughput-repeats 1 --sections "${sections[@]}" "${extra[@]}"
+        local rc=$?
+        if ((rc != 0 && rc != 124 && rc != 137)); then
+            step sampling_eager 200 python3 benchmarks/sampling.py --preset "$preset" --device "$device" \
+                --no-compile --no-cuda-graph --repeats 3 --sections e2e stages forward "${extra[@]}"
+        fi
+        ;;
+    variants)
+        step variants 160 python3 benchmarks/sampling.py --preset "$preset" --device "$device" --no-diffusers \
+            --sections variants --variants "${variants[@]}" --repeats 5 "${extra[@]}"
+        ;;
+    fp8)
+        step fp8 200 python3 benchmarks/sampling.py --preset "$preset" --device "$device" --fp8 \
+            --fp8-scaling static --no-diffusers --repeats 3 --throughput-repeats 1 \
+            --sections ${FP8_SECTIONS:-e2e stages forward throughput accuracy} "${extra[@]}"
+        ;;
+    parts) step parts 100 python3 benchmarks/parts.py --device "$device" "${parts[@]}" ;;
+    train) step train 200 python3 benchmarks/train.py --device "$device" --steps 5 --warmup 2 --rows "${rows[@]}" ;;
+    *)
+        echo "unknown step '$1': expected some of tests sampling variants fp8 parts train" | tee -a "$out/summary.txt"
+        ;;
+    esac
+}
+
+for name in ${STEPS:-tests sampling variants fp8 parts train}; do
+    run_step "$name"
+done
 echo "== summary"
 cat "$out/summary.txt"

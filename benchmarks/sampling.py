@@ -56,10 +56,10 @@ and, with ``--sections accuracy``, the relative error against our eager fp32 pat
 latents after 50 steps; with fp8 block linears (``--dtype bf16 --fp8``) 3.0e-2 to 4.2e-2 and
 3.3e-3 to 4.9e-3.
 
-GPU figures for the released size (one H100, 2026-11-26) are in the README's Speed section and,
-raw, in ``benchmarks/results/2026-11-26-h100.md``: in bf16 text-to-image 0.516 s, joint 0.788 s
-and image-to-text 0.610 s at batch 1, 4.2 to 4.6 times less than diffusers'; with static fp8
-scales 0.423 s, 0.647 s and 0.501 s.
+GPU figures for the released size (one H100 each, 2026-11-26 and 2026-11-27) are in the README's
+Speed section and, raw, in ``benchmarks/results/``: in bf16 text-to-image 0.516 to 0.555 s, joint
+0.788 to 0.806 s and image-to-text 0.610 to 0.621 s at batch 1, 4.2 to 7.3 times less than
+diffusers'; with static fp8 scales 0.423 to 0.438 s, 0.647 to 0.660 s and 0.501 to 0.518 s.
 """
 
 from __future__ import annotations
@@ -567,18 +567,6 @@ def main(argv: list[str] | None = None) -> None:
         print("\nOurs by stage (milliseconds per call, median of warm calls, synchronised per stage)\n")
         print(table(("task", "batch", *STAGES), rows), flush=True)
 
-    if "throughput" in args.sections:
-        rows = []
-        for batch in args.batch_sizes:
-            other, mine = both("t2i", batch, args.throughput_repeats)
-            their_rate = "-" if other is None else f"{batch / other.median:.2f}"
-            rows.append(("t2i", batch, their_rate, f"{batch / mine.median:.2f}", ratio(other, mine),
-                         f"{mine.first:.2f}", mib(other), mib(mine)))  # fmt: skip
-        print("\nThroughput (text-to-image, images per second)\n")
-        header = ("task", "batch", "diffusers img/s", "ours img/s", "ours / diffusers", "ours first s",
-                  "diffusers peak MiB", "ours peak MiB")  # fmt: skip
-        print(table(header, rows), flush=True)
-
     if "forward" in args.sections:
         batch = args.forward_batch
         config = ours.network.config
@@ -622,6 +610,18 @@ def main(argv: list[str] | None = None) -> None:
         matmul = "" if peak is None else f"; bf16 matmul 8192^3 measured at {peak:.0f} TFLOP/s"
         print(f"\nNetwork forward ({flops / 1e9:,.1f} GFLOP per call{matmul})\n")
         print(table(("section", "batch", "path", "median ms", "TFLOP/s", "of matmul rate"), rows), flush=True)
+
+    if "throughput" in args.sections:
+        rows = []
+        for batch in args.batch_sizes:
+            other, mine = both("t2i", batch, args.throughput_repeats)
+            their_rate = "-" if other is None else f"{batch / other.median:.2f}"
+            rows.append(("t2i", batch, their_rate, f"{batch / mine.median:.2f}", ratio(other, mine),
+                         f"{mine.first:.2f}", mib(other), mib(mine)))  # fmt: skip
+        print("\nThroughput (text-to-image, images per second)\n")
+        header = ("task", "batch", "diffusers img/s", "ours img/s", "ours / diffusers", "ours first s",
+                  "diffusers peak MiB", "ours peak MiB")  # fmt: skip
+        print(table(header, rows), flush=True)
 
     if "accuracy" in args.sections:
         inputs, times = network_inputs(ours.network.config, 2, device, dtype, args.seed)
