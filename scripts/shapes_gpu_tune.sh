@@ -16,7 +16,8 @@
 #
 # Options (environment): DEVICE (cuda), BATCH (256), LR (2e-4), EXAMPLES (60000), EVAL_SAMPLES
 # (192), SEED (15: the tune's data order and noise), PROBE_STEPS (300), EVAL_RESERVE (150 s kept
-# for saving and scoring), WORK (a temporary folder; scenes, features and the run already there are
+# for saving and scoring), MIXED_PRECISION (bf16 on cuda, no elsewhere), NUM_WORKERS (processes
+# reading the features ahead: 4 on cuda, 0 elsewhere), WORK (a temporary folder; scenes, features and the run already there are
 # reused and resumed). A CPU check of the script (its model means nothing):
 #   DEVICE=cpu BATCH=8 EXAMPLES=256 EVAL_SAMPLES=2 PROBE_STEPS=20 EVAL_RESERVE=60 \
 #       bash scripts/shapes_gpu_tune.sh /tmp/out 200
@@ -30,6 +31,8 @@ examples=${EXAMPLES:-60000}
 eval_samples=${EVAL_SAMPLES:-192}
 seed=${SEED:-15}
 probe_steps=${PROBE_STEPS:-300}
+if [[ $device == cuda ]]; then precision=${MIXED_PRECISION:-bf16} workers=${NUM_WORKERS:-4}; else
+    precision=${MIXED_PRECISION:-no} workers=${NUM_WORKERS:-0}; fi
 eval_reserve=${EVAL_RESERVE:-150}
 work=${WORK:-$(mktemp -d)}
 mkdir -p "$out"
@@ -60,7 +63,8 @@ tune_command() { # tune_command STEPS DECAY: sets run_args to the tune stage's l
     run_args=("${ud[@]}" train --data "$work/shapes/features" --init-from "$shipped"
         --output-dir "$work/shapes/tune" --steps "$1" --batch-size "$batch" --lr "$lr" --warmup-steps 100
         --decay-steps "$2" --ema-decay 0.999 --clean-prob 0.5 --loss-weight img=10
-        --loss-weight text=3 --checkpoint-every 1000 --keep-last 2 --log-every 50 --seed "$seed" --resume)
+        --loss-weight text=3 --checkpoint-every 1000 --keep-last 2 --log-every 50 --seed "$seed" --resume
+        --mixed-precision "$precision" --num-workers "$workers")
 }
 
 shipped=$(python3 -c "from unidiffuser.shipped import shipped_model_dir; print(shipped_model_dir())") || exit

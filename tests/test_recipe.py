@@ -9,6 +9,7 @@ import torch
 
 from unidiffuser.cli import main
 from unidiffuser.pipeline import UniDiffuser
+from unidiffuser.shapes import recipe as recipe_module
 from unidiffuser.shapes import render, render_array, sample_scene
 from unidiffuser.shapes.evaluate import attribute_shares, evaluate, format_rows, read_images
 from unidiffuser.shapes.recipe import (
@@ -93,6 +94,29 @@ def test_the_tune_stage_weighs_the_image_then_the_text_too(tmp_path, steps, weig
     configs = tune_configs(tmp_path, recipe)
     assert [(c.steps, dict(c.loss_weights)) for c in configs] == phases
     assert all(c.output_dir == str(tmp_path / "tune") and c.resume and c.decay_steps == 4 for c in configs)
+
+
+def test_the_data_stage_writes_the_same_pairs_in_parallel_and_resumes(tmp_path, monkeypatch):
+    recipe = Recipe.smoke(examples=24)
+    alone, parallel = tmp_path / "alone", tmp_path / "parallel"
+    recipe_module._data(alone, recipe)  # below the threshold: one process
+    monkeypatch.setattr(recipe_module, "RENDER_CHUNK", 5)
+    monkeypatch.setattr(recipe_module, "RENDER_PROCESSES_FROM", 10)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    recipe_module._data(parallel, recipe)  # 5 chunks over 2 spawned processes
+
+    def files(folder):
+        return {f.name: f.read_bytes() for f in sorted(folder.iterdir())}
+
+    written = files(alone)
+    assert len(written) == 2 * 24 + 1  # a picture and a caption per scene, and DONE
+    assert files(parallel) == written
+    for name in ("000003.txt", "000017.txt", "000017.png"):  # pairs lost to an interrupted run
+        (parallel / name).unlink()
+    (parallel / "000011.png").write_bytes(b"cut short")  # a picture written, its caption not
+    (parallel / "000011.txt").unlink()
+    recipe_module._data(parallel, recipe)
+    assert files(parallel) == written
 
 
 def test_a_rerun_skips_finished_stages(smoke_run):

@@ -527,23 +527,55 @@ def _components(out: Path, recipe: Recipe) -> None:
     ).save_pretrained(out / "components")
 
 
-def _data(path: Path, recipe: Recipe) -> None:
-    """Rendered train-split scenes as NNNNNN.png + NNNNNN.txt; resumes by skipping written pairs."""
-    from tqdm.auto import tqdm
+RENDER_CHUNK = 500  # scenes a rendering process writes per task
+RENDER_PROCESSES_FROM = 4 * RENDER_CHUNK  # fewer scenes are rendered in this process
 
+
+def _render_pairs(path: str, seed: int, size: int, indices: Sequence[int]) -> int:
+    """Write the pairs ``indices`` (scene i from the seed and i alone); returns how many."""
     from .captions import caption
     from .world import render, sample_scene
 
-    path.mkdir(parents=True, exist_ok=True)
-    for i in tqdm(range(recipe.examples), desc="data", unit="scene", dynamic_ncols=True):
-        image, text = path / f"{i:06d}.png", path / f"{i:06d}.txt"
-        if text.is_file():
-            continue
-        rng = np.random.default_rng([recipe.seed, 0xDA7A, i])
+    folder = Path(path)
+    for i in indices:
+        image, text = folder / f"{i:06d}.png", folder / f"{i:06d}.txt"
+        rng = np.random.default_rng([seed, 0xDA7A, i])
         scene = sample_scene(rng)
-        render(scene, recipe.image_size).save(image.with_suffix(".png.tmp"), format="PNG")
+        render(scene, size).save(image.with_suffix(".png.tmp"), format="PNG")
         image.with_suffix(".png.tmp").replace(image)
         write_text_atomic(text, caption(scene, rng) + "\n")  # the caption last: it marks the pair written
+    return len(indices)
+
+
+def _data(path: Path, recipe: Recipe) -> None:
+    """Rendered train-split scenes as NNNNNN.png + NNNNNN.txt; resumes by skipping written pairs.
+
+    Each scene depends on the seed and its index alone, so the pairs are the same whatever the
+    order: with many scenes to write, one process per CPU core (at most 8) writes them in chunks.
+    """
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from tqdm.auto import tqdm
+
+    path.mkdir(parents=True, exist_ok=True)
+    todo = [i for i in range(recipe.examples) if not (path / f"{i:06d}.txt").is_file()]
+    chunks = [todo[k : k + RENDER_CHUNK] for k in range(0, len(todo), RENDER_CHUNK)]
+    processes = min(os.cpu_count() or 1, 8, len(chunks)) if len(todo) >= RENDER_PROCESSES_FROM else 1
+    bar = tqdm(total=recipe.examples, initial=recipe.examples - len(todo), desc="data", unit="scene",
+               dynamic_ncols=True)  # fmt: skip
+    with bar:
+        if processes == 1:
+            for chunk in chunks:
+                bar.update(_render_pairs(str(path), recipe.seed, recipe.image_size, chunk))
+        else:  # spawned: the parent may hold torch's threads, which a fork would copy mid-state
+            with ProcessPoolExecutor(processes, mp_context=get_context("spawn")) as pool:
+                jobs = [
+                    pool.submit(_render_pairs, str(path), recipe.seed, recipe.image_size, c) for c in chunks
+                ]
+                for job in jobs:
+                    bar.update(job.result())
     (path / "DONE").write_text(f"{recipe.examples}\n")
 
 
@@ -560,7 +592,7 @@ def _features(out: Path, recipe: Recipe) -> None:
         data_type=0,
         device=recipe.device,
         save_dtype="fp32",
-        workers=0,
+        workers=0 if recipe.device == "cpu" else 4,  # on a GPU, threads decode the pictures ahead
     )
     extract(config)
     (out / "features" / "DONE").write_text("done\n")
