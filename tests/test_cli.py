@@ -43,3 +43,30 @@ def test_console_script_help_shows_defaults():
         [sys.executable, "-m", "unidiffuser.cli", "toy", "--help"], capture_output=True, text=True
     )
     assert result.returncode == 0 and "(default: 60.0)" in result.stdout
+
+
+def test_help_names_defaults_but_never_a_default_of_none():
+    import argparse
+
+    from unidiffuser.cli import build_parser
+
+    helps = {}
+
+    def walk(parser: argparse.ArgumentParser, name: str) -> None:
+        helps[name] = parser.format_help()
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub, subparser in action.choices.items():
+                    walk(subparser, f"{name} {sub}")
+
+    walk(build_parser(), "unidiffuser")
+    assert {
+        "unidiffuser sample",
+        "unidiffuser serve",
+        "unidiffuser extract",
+        "unidiffuser eval",
+    } <= set(helps)
+    assert [name for name, text in helps.items() if "default: None" in text] == []
+    sample = " ".join(helps["unidiffuser sample"].split())
+    assert "seed of all noise (default: 0)" in sample  # a real default is still named
+    assert "guidance scale s (default: the model's own, 7 for the released weights) --guidance-mode" in sample

@@ -124,13 +124,23 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every command's help: an option's default follows its help, except a default of None,
+    whose meaning (the model's own, the shipped model, ...) the help says in words."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="unidiffuser",
         description="UniDiffuser: one transformer for every distribution of multi-modal data.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = HelpFormatter
 
     demo = sub.add_parser(
         "demo",

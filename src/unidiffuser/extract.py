@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .cli import HelpFormatter
+
 if TYPE_CHECKING:  # heavy imports stay inside the functions: `unidiffuser --help` stays fast
     import torch
 
@@ -506,8 +508,8 @@ def _int_at_least(minimum: int):
     return parse
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown, the description kept as written."""
+class _Formatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown as every command shows them, the description kept as written."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -175,9 +175,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from .cli import nonnegative_float, positive_int
+    from .cli import HelpFormatter, nonnegative_float, positive_int
 
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = HelpFormatter
     p = sub.add_parser(
         "sample", help="run a task of a model and write images, captions and settings",
         description=cmd_sample.__doc__, formatter_class=fmt,
@@ -203,10 +203,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--negative-prompt", default=None, help="a prompt to steer away from (t2i)")
     p.add_argument("--seed", type=int, default=0, help="seed of all noise")
-    p.add_argument(
-        "--height", type=positive_int, default=None, help="image height in pixels (multiple of 16)"
-    )
-    p.add_argument("--width", type=positive_int, default=None, help="image width in pixels (multiple of 16)")
+    for side in ("height", "width"):
+        p.add_argument(f"--{side}", type=positive_int, default=None,
+                       help=f"image {side} in pixels (multiple of 16); left out: the model's own")  # fmt: skip
     p.add_argument("--solver", choices=("dpm++3s", "dpm++2m", "ddim"), default="dpm++3s", help="ODE solver")
     p.add_argument("--data-type", type=int, choices=(0, 1), default=1, help="v1 data_type: 1 curated, 0 web")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

@@ -94,13 +94,13 @@ def _nonnegative_int(text: str) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..cli import positive_int
+    from ..cli import HelpFormatter, positive_int
     from ..sample_cli import add_speed_arguments
     from .jobs import Limits  # light: no Gradio, no server
 
     p = sub.add_parser(
         "serve", help="serve a model on a local web page and JSON API",
-        description=cmd_serve.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=cmd_serve.__doc__, formatter_class=HelpFormatter,
     )  # fmt: skip
     p.add_argument("--model", default=None, help="model directory, or none for the shipped shapes model")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")

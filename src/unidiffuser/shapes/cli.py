@@ -94,9 +94,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..cli import nonnegative_float, positive_int
+    from ..cli import HelpFormatter, nonnegative_float, positive_int
 
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = HelpFormatter
     r = sub.add_parser(
         "recipe", help="train every component of the small shapes model from a seed (resumable)",
         description=cmd_recipe.__doc__, formatter_class=fmt,
