@@ -219,6 +219,16 @@ def test_sample_argument_errors(release_dir, args, message):
         main(["sample", "--model", str(release_dir), *args])
 
 
+def test_sample_refuses_a_bad_size_before_any_speed_setup(release_dir, monkeypatch):
+    def no_setup(*args, **kwargs):
+        raise AssertionError("the speed options were applied before the size was checked")
+
+    monkeypatch.setattr("unidiffuser.sample_cli.apply_speed_arguments", no_setup)
+    args = ["--mode", "t2i", "--prompt", "a cat", "--height", "30", "--fast"]
+    with pytest.raises(SystemExit, match="unidiffuser sample: height=30: expected a positive multiple of"):
+        main(["sample", "--model", str(release_dir), *args])
+
+
 def test_the_model_directory_carries_its_default_guidance(pipe, image, tmp_path):
     assert pipe.guidance_scale == 7.0  # the released default, when nothing says otherwise
     own = UniDiffuser(

@@ -248,7 +248,8 @@ class UniDiffuser:
         """Pixel size the network was trained at (height, width)."""
         return (self.latent_size[0] * self.downsample, self.latent_size[1] * self.downsample)
 
-    def _check_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+    def check_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """The pixel size a call would sample at (None: the trained size), or a ValueError."""
         h, w = self.default_size
         h, w = height or h, width or w
         step = self.patch_pixels
@@ -293,7 +294,7 @@ class UniDiffuser:
         return {m.name: self.data_type for m in self.network.config.labels}
 
     def _sampling_args(self, steps, guidance_scale, solver, progress, height, width) -> dict:
-        h, w = self._check_size(height, width)
+        h, w = self.check_size(height, width)
         if guidance_scale is None:
             guidance_scale = self.guidance_scale
         callback = None
