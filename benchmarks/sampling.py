@@ -509,9 +509,8 @@ def main(argv: list[str] | None = None) -> None:
         theirs = build_diffusers(ours).to(device, dtype)
     ours.to(device, dtype)
     path = make_fast(ours, chosen, args.backend, steps)
-    print(
-        f"ours: {str(dtype).removeprefix('torch.')}, {path} | diffusers: {str(dtype).removeprefix('torch.')}, eager"
-    )
+    name = str(dtype).removeprefix("torch.")
+    print(f"ours: {name}, {path} | diffusers: {'not run' if theirs is None else f'{name}, eager'}")
 
     def our_call(task: str, batch: int) -> Callable[[], object]:
         if task == "t2i":
