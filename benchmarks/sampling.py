@@ -7,7 +7,7 @@ in the same dtype. Every figure is warm: the first call of each row is timed apa
 compilation and graph capture included) and the row gives the median of the timed calls after it,
 each synchronised. Peak memory is what a call allocated above the weights already in place.
 
-Sections (``--sections``):
+Sections (``--sections``), run in this order (the slowest, throughput, last):
 
 - e2e: at batch 1, text-to-image (prompt encoding, 50 guided network evaluations, VAE decode to
   PIL), joint (image and caption, guided) and image-to-text (image encoding, guided sampling,
@@ -17,11 +17,11 @@ Sections (``--sections``):
   the GPU synchronised around it (so the parts add up to a little more than the e2e time). To time
   the network calls apart, the loop runs step by step here (one captured forward per step), not
   as the one loop graph of the e2e rows.
-- throughput: text-to-image at ``--batch-sizes``, images per second.
 - forward: the network alone at ``--forward-batch``; on CUDA also the share of this device's bf16
   matrix-multiply rate, measured here on an 8192^3 product.
 - accuracy: our path as benchmarked (``--dtype``, ``--compile`` ...) against our eager fp32 path
   with the same seed: one forward, and the text-to-image latents after all steps.
+- throughput: text-to-image at ``--batch-sizes``, images per second.
 - variants (not run by default): text-to-image at batch 1 for each of ``--variants``, to see
   which means pay.
 
@@ -89,7 +89,7 @@ from unidiffuser.network import PRESETS, UViT, UViTConfig
 from unidiffuser.official import to_diffusers_keys
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-SECTIONS = ("e2e", "stages", "throughput", "forward", "accuracy", "variants")
+SECTIONS = ("e2e", "stages", "forward", "accuracy", "throughput", "variants")  # the order they run in
 PARTS = ("compile", "graphs", "loop", "vae", "cap", "cudnn", "fp8", "fp8t", "fp8s")  # see make_fast
 CALIBRATION_PROMPT = "an old lighthouse on a rocky coast at dusk"  # not the timed calls' prompt
 PROMPT = "a red bicycle leaning against a blue wall"
@@ -610,18 +610,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\nNetwork forward ({flops / 1e9:,.1f} GFLOP per call{matmul})\n")
         print(table(("section", "batch", "path", "median ms", "TFLOP/s", "of matmul rate"), rows), flush=True)
 
-    if "throughput" in args.sections:
-        rows = []
-        for batch in args.batch_sizes:
-            other, mine = both("t2i", batch, args.throughput_repeats)
-            their_rate = "-" if other is None else f"{batch / other.median:.2f}"
-            rows.append(("t2i", batch, their_rate, f"{batch / mine.median:.2f}", ratio(other, mine),
-                         f"{mine.first:.2f}", mib(other), mib(mine)))  # fmt: skip
-        print("\nThroughput (text-to-image, images per second)\n")
-        header = ("task", "batch", "diffusers img/s", "ours img/s", "ours / diffusers", "ours first s",
-                  "diffusers peak MiB", "ours peak MiB")  # fmt: skip
-        print(table(header, rows), flush=True)
-
     if "accuracy" in args.sections:
         inputs, times = network_inputs(ours.network.config, 2, device, dtype, args.seed)
         out = ours.sampler(inputs, times)
@@ -637,6 +625,18 @@ def main(argv: list[str] | None = None) -> None:
             f"\nAccuracy: ours as benchmarked ({label}) against ours eager fp32 (relative L2 error, same seed)\n"
         )
         print(table(("output", "relative error"), rows), flush=True)
+
+    if "throughput" in args.sections:
+        rows = []
+        for batch in args.batch_sizes:
+            other, mine = both("t2i", batch, args.throughput_repeats)
+            their_rate = "-" if other is None else f"{batch / other.median:.2f}"
+            rows.append(("t2i", batch, their_rate, f"{batch / mine.median:.2f}", ratio(other, mine),
+                         f"{mine.first:.2f}", mib(other), mib(mine)))  # fmt: skip
+        print("\nThroughput (text-to-image, images per second)\n")
+        header = ("task", "batch", "diffusers img/s", "ours img/s", "ours / diffusers", "ours first s",
+                  "diffusers peak MiB", "ours peak MiB")  # fmt: skip
+        print(table(header, rows), flush=True)
 
     if "variants" in args.sections:
         rows = []
