@@ -17,8 +17,8 @@
 # Options (environment): DEVICE (cuda), BATCH (256), LR (2e-4), EXAMPLES (60000), EVAL_SAMPLES
 # (192), SEED (15: the tune's data order and noise), PROBE_STEPS (300), EVAL_RESERVE (150 s kept
 # for saving and scoring), MIXED_PRECISION (bf16 on cuda, no elsewhere), NUM_WORKERS (processes
-# reading the features ahead: 4 on cuda, 0 elsewhere), WORK (a temporary folder; scenes, features and the run already there are
-# reused and resumed). A CPU check of the script (its model means nothing):
+# reading the features ahead: 4 on cuda, 0 elsewhere), WORK (a temporary folder; scenes, features
+# and the run already there are reused and resumed). A CPU check of the script (its model means nothing):
 #   DEVICE=cpu BATCH=8 EXAMPLES=256 EVAL_SAMPLES=2 PROBE_STEPS=20 EVAL_RESERVE=60 \
 #       bash scripts/shapes_gpu_tune.sh /tmp/out 200
 set -u
