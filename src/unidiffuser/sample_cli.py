@@ -92,11 +92,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"unidiffuser sample: --model {args.model}: {err}") from None
     pipe.data_type = args.data_type
-    if args.height or args.width:  # before any calibration or compilation
-        try:
-            pipe.check_size(args.height, args.width)
-        except ValueError as err:
-            raise SystemExit(f"unidiffuser sample: {err}") from None
+    try:  # before any calibration or compilation
+        pipe.check_size(args.height, args.width)
+    except ValueError as err:
+        raise SystemExit(f"unidiffuser sample: {err}") from None
     if args.guidance is None:
         args.guidance = pipe.guidance_scale  # the model's own, and so it is in the settings file
     apply_speed_arguments(pipe, args, args.steps)
