@@ -24,6 +24,12 @@ Sections (``--sections``), run in this order (the slowest, throughput, last):
 - throughput: text-to-image at ``--batch-sizes``, images per second.
 - variants (not run by default): text-to-image at batch 1 for each of ``--variants``, to see
   which means pay.
+- kernels (not run by default): one warm batch-1 call of each task under ``torch.profiler``: its
+  device time by kind of kernel (matrix products, attention, generated fused kernels, top-k and
+  sorting, copies, the rest) against the call's wall time, and its costliest kernels. On the CPU
+  it lists operators instead of kernels.
+
+``--tasks`` limits the e2e, stages and kernels sections to some of t2i, joint and i2t.
 
 Guidance: ours s = 7 is diffusers' guidance_scale = 8 (they write s + 1). Solvers: ours the
 released singlestep DPM-Solver++ (``dpm++3s``), diffusers' DPMSolverMultistepScheduler; both make
@@ -89,7 +95,8 @@ from unidiffuser.network import PRESETS, UViT, UViTConfig
 from unidiffuser.official import to_diffusers_keys
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-SECTIONS = ("e2e", "stages", "forward", "accuracy", "throughput", "variants")  # the order they run in
+SECTIONS = ("e2e", "stages", "forward", "accuracy", "throughput", "variants", "kernels")  # run in this order
+TASKS = ("t2i", "joint", "i2t")
 PARTS = ("compile", "graphs", "loop", "vae", "cap", "cudnn", "fp8", "fp8t", "fp8s")  # see make_fast
 CALIBRATION_PROMPT = "an old lighthouse on a rocky coast at dusk"  # not the timed calls' prompt
 PROMPT = "a red bicycle leaning against a blue wall"
@@ -147,6 +154,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--variants", nargs="+", default=["eager", "compile+graphs"],
         help=f"for the variants section: 'eager' or parts joined by '+', from {', '.join(PARTS)}",
     )  # fmt: skip
+    parser.add_argument(
+        "--tasks",
+        nargs="+",
+        choices=TASKS,
+        default=list(TASKS),
+        help="the batch-1 tasks of e2e, stages and kernels",
+    )
     parser.add_argument("--no-diffusers", action="store_true", help="time our pipeline alone")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -466,6 +480,57 @@ def stage_times(pipe: UniDiffuser, call: Callable[[], object], device: torch.dev
     return {stage: statistics.median(run.get(stage, 0.0) for run in runs) for stage in STAGES}
 
 
+# The kinds of kernel in a profile, each found by words in the kernel's name (the first match wins).
+KERNEL_KINDS = {
+    "matmul": ("gemm", "nvjet", "cutlass", "xmma", "scaled_mm", "addmm", "bmm", "::mm", "matmul", "linear"),
+    "attention": ("flash", "fmha", "sdpa", "attention", "cudnn"),
+    "fused": ("triton",),
+    "topk/sort": ("topk", "sort", "radix"),
+    "copy": ("memcpy", "memset", "copy", "cat", "index"),
+}
+KERNEL_KINDS = {**KERNEL_KINDS, "other": ()}
+
+
+def kernel_kind(name: str) -> str:
+    lower = name.lower()
+    return next((kind for kind, words in KERNEL_KINDS.items() if any(w in lower for w in words)), "other")
+
+
+def kernel_profile(call: Callable[[], object], device: torch.device, repeats: int, top: int = 8):
+    """Profile ``repeats`` warm calls: wall seconds per call, device seconds per kind, the top kernels.
+
+    On CUDA the device time is the kernels' own (those replayed from CUDA graphs included); on the
+    CPU it is each operator's self time. Returns (wall, {kind: seconds}, [(name, seconds, calls)]),
+    all per call.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    call()  # compilation and capture happen outside the profile
+    synchronize(device)
+    activity = ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU
+    with profile(activities=[activity]) as prof:
+        start = time.perf_counter()
+        for _ in range(repeats):
+            call()
+        synchronize(device)
+        wall = (time.perf_counter() - start) / repeats
+    kinds: dict[str, float] = {}
+    costs = []
+    for event in prof.key_averages():
+        if cuda and event.device_type != DeviceType.CUDA:
+            continue
+        seconds = (event.self_device_time_total if cuda else event.self_cpu_time_total) / 1e6 / repeats
+        if seconds <= 0:
+            continue
+        kind = kernel_kind(event.key)
+        kinds[kind] = kinds.get(kind, 0.0) + seconds
+        costs.append((event.key[:90], seconds, event.count / repeats))
+    costs.sort(key=lambda c: -c[1])
+    return wall, kinds, costs[:top]
+
+
 # -- the sections -------------------------------------------------------------------------------
 
 
@@ -549,7 +614,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if "e2e" in args.sections:
         rows = []
-        for task in ("t2i", "joint", "i2t"):
+        for task in args.tasks:
             other, mine = both(task, 1, args.repeats)
             rows.append((task, 1, seconds(other), seconds(mine), ratio(other, mine), f"{mine.first:.2f}",
                          mib(other), mib(mine)))  # fmt: skip
@@ -560,7 +625,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if "stages" in args.sections:
         rows = []
-        for task in ("t2i", "joint", "i2t"):
+        for task in args.tasks:
             parts = stage_times(ours, our_call(task, 1), device, args.repeats)
             rows.append((task, 1, *(f"{1e3 * parts.get(name, 0.0):.1f}" for name in STAGES)))
         print("\nOurs by stage (milliseconds per call, median of warm calls, synchronised per stage)\n")
@@ -653,6 +718,20 @@ def main(argv: list[str] | None = None) -> None:
         print("\nOurs by variant (text-to-image, batch 1)\n")
         print(table(("variant", "path on this device", "s", "first s", "peak MiB"), rows), flush=True)
         make_fast(ours, chosen, args.backend, steps)
+
+    if "kernels" in args.sections:
+        rows, tops = [], []
+        for task in args.tasks:
+            wall, kinds, top = kernel_profile(our_call(task, 1), device, args.repeats)
+            busy = sum(kinds.values())
+            rows.append((task, 1, f"{1e3 * wall:.1f}", f"{1e3 * busy:.1f}",
+                         *(f"{1e3 * kinds.get(kind, 0.0):.1f}" for kind in KERNEL_KINDS)))  # fmt: skip
+            tops += [(task, name, f"{1e3 * ms:.2f}", f"{calls:g}") for name, ms, calls in top]
+        unit = "kernel" if cuda else "operator"
+        print(f"\nDevice time by kind of {unit} (milliseconds per warm call, mean of {args.repeats})\n")
+        print(table(("task", "batch", "wall", f"{unit}s", *KERNEL_KINDS), rows))
+        print(f"\nCostliest {unit}s (milliseconds and calls per warm call)\n")
+        print(table(("task", unit, "ms", "calls"), tops), flush=True)
 
 
 if __name__ == "__main__":

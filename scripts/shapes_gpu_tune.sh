@@ -11,15 +11,17 @@
 #
 #   network.safetensors  the tuned EMA weights in fp16 (copy into src/unidiffuser/models/shapes
 #                        only if eval.md beats the shipped model's 192-sample figures)
-#   eval.md              unidiffuser eval shapes --seed 1 --samples 192 --steps 20 --guidance 3
+#   eval.md              unidiffuser eval shapes --seed 1 --samples 192 --steps 50 --guidance 3
+#                        (the settings of the shipped model's figures in the README)
 #   log.jsonl, summary.txt, *.log   the training log, each step's exit status and output
 #
 # Options (environment): DEVICE (cuda), BATCH (256), LR (2e-4), EXAMPLES (60000), EVAL_SAMPLES
-# (192), SEED (15: the tune's data order and noise), PROBE_STEPS (300), EVAL_RESERVE (150 s kept
-# for saving and scoring), MIXED_PRECISION (bf16 on cuda, no elsewhere), NUM_WORKERS (processes
-# reading the features ahead: 4 on cuda, 0 elsewhere), WORK (a temporary folder; scenes, features
-# and the run already there are reused and resumed). A CPU check of the script (its model means nothing):
-#   DEVICE=cpu BATCH=8 EXAMPLES=256 EVAL_SAMPLES=2 PROBE_STEPS=20 EVAL_RESERVE=60 \
+# (192), EVAL_STEPS (50), SEED (15: the tune's data order and noise), PROBE_STEPS (300),
+# EVAL_RESERVE (150 s kept for saving and scoring), MIXED_PRECISION (bf16 on cuda, no elsewhere),
+# NUM_WORKERS (processes reading the features ahead: 4 on cuda, 0 elsewhere), WORK (a temporary
+# folder; scenes, features and the run already there are reused and resumed). A CPU check of the
+# script (its model means nothing):
+#   DEVICE=cpu BATCH=8 EXAMPLES=256 EVAL_SAMPLES=2 EVAL_STEPS=2 PROBE_STEPS=20 EVAL_RESERVE=60 \
 #       bash scripts/shapes_gpu_tune.sh /tmp/out 200
 set -u
 out=${1:?usage: bash scripts/shapes_gpu_tune.sh OUT_DIR [BUDGET_SECONDS]}
@@ -29,6 +31,7 @@ batch=${BATCH:-256}
 lr=${LR:-2e-4}
 examples=${EXAMPLES:-60000}
 eval_samples=${EVAL_SAMPLES:-192}
+eval_steps=${EVAL_STEPS:-50}
 seed=${SEED:-15}
 probe_steps=${PROBE_STEPS:-300}
 if [[ $device == cuda ]]; then precision=${MIXED_PRECISION:-bf16} workers=${NUM_WORKERS:-4}; else
@@ -94,5 +97,5 @@ step save "${recipe[@]}" --stage model || exit
 step convert "${ud[@]}" convert "$work/shapes/model" "$work/model-fp16" --dtype fp16 &&
     cp "$work/model-fp16/network.safetensors" "$out/network.safetensors"
 step eval timeout --signal=TERM --kill-after=10 "$(seconds_left)" "${ud[@]}" eval shapes \
-    --model "$work/shapes/model" --seed 1 --samples "$eval_samples" --steps 20 --guidance 3 \
+    --model "$work/shapes/model" --seed 1 --samples "$eval_samples" --steps "$eval_steps" --guidance 3 \
     --batch-size "$eval_samples" --device "$device" --out "$out/eval.md"

@@ -503,6 +503,18 @@ def test_sampling_benchmark_runs_on_the_cpu(capsys, monkeypatch):
     assert "diffusers" in out and "against ours eager fp32" in out
 
 
+def test_kernel_profile_section_lists_the_chosen_tasks(capsys, monkeypatch):
+    bench = load_benchmark(monkeypatch)
+    bench.main(["--preset", "tiny", "--device", "cpu", "--steps", "2", "--repeats", "1", "--no-diffusers",
+                "--sections", "kernels", "--tasks", "joint"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "| joint | 1 |" in out and "| t2i | 1 |" not in out
+    assert "| joint | aten::addmm |" in out  # the U-ViT's linears, by operator on the CPU
+    assert [bench.kernel_kind(n) for n in ("sm90_xmma_gemm_e4m3", "pytorch_flash::flash_fwd_kernel",
+            "triton_poi_fused_add_0", "gatherTopK", "Memcpy DtoD", "void at::native::reduce")] == [
+        "matmul", "attention", "fused", "topk/sort", "copy", "other"]  # fmt: skip
+
+
 def test_parts_benchmark_runs_on_the_cpu(capsys, monkeypatch):
     path = BENCHMARK.with_name("parts.py")
     spec = importlib.util.spec_from_file_location("parts_benchmark", path)
