@@ -144,6 +144,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="ours: fp8 scales per row, per tensor, or per tensor fixed by a calibration call of each task",
     )
     parser.add_argument("--backend", default="inductor", help="the torch.compile backend")
+    parser.add_argument(
+        "--inductor", nargs="+", default=[], metavar="KEY=VALUE",
+        help="ours: torch._inductor.config settings, e.g. max_autotune_gemm=True coordinate_descent_tuning=True",
+    )  # fmt: skip
     parser.add_argument("--steps", type=int, default=50, help="network evaluations per sample")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per batch-1 row")
     parser.add_argument("--throughput-repeats", type=int, default=2, help="timed calls per throughput row")
@@ -169,9 +173,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(
                 f"--variants {variant}: expected 'eager' or parts joined by '+', from {', '.join(PARTS)}"
             )
+    try:
+        args.inductor = inductor_settings(args.inductor)
+    except ValueError as err:
+        parser.error(f"--inductor: {err}")
     if min(args.steps, args.repeats, args.throughput_repeats, args.forward_batch, *args.batch_sizes) < 1:
         parser.error("--steps, the repeats and every batch size must be >= 1")
     return args
+
+
+def inductor_settings(pairs: list[str]) -> dict[str, object]:
+    """KEY=VALUE strings as torch._inductor.config settings; VALUE a Python literal or a string."""
+    import ast
+
+    from torch._inductor import config
+
+    settings = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not hasattr(config, key):
+            raise ValueError(f"{pair!r}: expected KEY=VALUE with KEY a setting of torch._inductor.config")
+        try:
+            settings[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            settings[key] = text
+    return settings
 
 
 # -- the two pipelines --------------------------------------------------------------------------
@@ -482,9 +508,9 @@ def stage_times(pipe: UniDiffuser, call: Callable[[], object], device: torch.dev
 
 # The kinds of kernel in a profile, each found by words in the kernel's name (the first match wins).
 KERNEL_KINDS = {
+    "fused": ("triton",),  # first: a generated kernel's name also lists what it fused (e.g. _scaled_mm)
     "matmul": ("gemm", "nvjet", "cutlass", "xmma", "scaled_mm", "addmm", "bmm", "::mm", "matmul", "linear"),
     "attention": ("flash", "fmha", "sdpa", "attention", "cudnn"),
-    "fused": ("triton",),
     "topk/sort": ("topk", "sort", "radix"),
     "copy": ("memcpy", "memset", "copy", "cat", "index"),
 }
@@ -555,6 +581,12 @@ def main(argv: list[str] | None = None) -> None:
         f"device: {where} | torch {torch.__version__} | preset {args.preset} | {args.steps} steps", flush=True
     )
 
+    if args.inductor:
+        from torch._inductor import config as inductor_config
+
+        for key, value in args.inductor.items():
+            setattr(inductor_config, key, value)
+        print("inductor: " + " ".join(f"{k}={v}" for k, v in args.inductor.items()), flush=True)
     ours = build_ours(args.preset, device, args.seed)
     side = ours.default_size[0]
     image = picture(side, args.seed)

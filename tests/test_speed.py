@@ -511,8 +511,16 @@ def test_kernel_profile_section_lists_the_chosen_tasks(capsys, monkeypatch):
     assert "| joint | 1 |" in out and "| t2i | 1 |" not in out
     assert "| joint | aten::addmm |" in out  # the U-ViT's linears, by operator on the CPU
     assert [bench.kernel_kind(n) for n in ("sm90_xmma_gemm_e4m3", "pytorch_flash::flash_fwd_kernel",
-            "triton_poi_fused_add_0", "gatherTopK", "Memcpy DtoD", "void at::native::reduce")] == [
+            "triton_poi_fused__scaled_mm_add_0", "gatherTopK", "Memcpy DtoD", "void at::native::reduce")] == [
         "matmul", "attention", "fused", "topk/sort", "copy", "other"]  # fmt: skip
+
+
+def test_benchmark_inductor_settings_are_checked(monkeypatch):
+    bench = load_benchmark(monkeypatch)
+    assert bench.inductor_settings(["max_autotune_gemm=True", "max_autotune_gemm_backends=TRITON,CUBLAS"]) == {
+        "max_autotune_gemm": True, "max_autotune_gemm_backends": "TRITON,CUBLAS"}  # fmt: skip
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--inductor", "no_such_setting=1"])
 
 
 def test_parts_benchmark_runs_on_the_cpu(capsys, monkeypatch):
