@@ -90,6 +90,7 @@ except ImportError:  # run from a checkout without installing: use the src/ besi
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     from unidiffuser.pipeline import UniDiffuser
 from unidiffuser.devices import device_option
+from unidiffuser.fast import Fp8Linear
 from unidiffuser.flops import forward_flops
 from unidiffuser.network import PRESETS, UViT, UViTConfig
 from unidiffuser.official import to_diffusers_keys
@@ -97,7 +98,7 @@ from unidiffuser.official import to_diffusers_keys
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SECTIONS = ("e2e", "stages", "forward", "accuracy", "throughput", "variants", "kernels")  # run in this order
 TASKS = ("t2i", "joint", "i2t")
-PARTS = ("compile", "graphs", "loop", "vae", "cap", "cudnn", "fp8", "fp8t", "fp8s")  # see make_fast
+PARTS = ("compile", "graphs", "loop", "vae", "cap", "cudnn", "fp8", "fp8t", "fp8s", "fa")  # see make_fast
 CALIBRATION_PROMPT = "an old lighthouse on a rocky coast at dusk"  # not the timed calls' prompt
 PROMPT = "a red bicycle leaning against a blue wall"
 GUIDANCE = 7.0  # ours: (1 + s) cond - s uncond; diffusers' guidance_scale is s + 1
@@ -143,6 +144,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="row",
         help="ours: fp8 scales per row, per tensor, or per tensor fixed by a calibration call of each task",
     )
+    parser.add_argument(
+        "--fp8-fast-accum",
+        action="store_true",
+        help="ours, with --fp8: the fp8 products in the fast accumulation mode",
+    )
     parser.add_argument("--backend", default="inductor", help="the torch.compile backend")
     parser.add_argument(
         "--inductor", nargs="+", default=[], metavar="KEY=VALUE",
@@ -173,6 +179,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(
                 f"--variants {variant}: expected 'eager' or parts joined by '+', from {', '.join(PARTS)}"
             )
+    if args.fp8_fast_accum and not args.fp8:
+        parser.error("--fp8-fast-accum goes with --fp8")
     try:
         args.inductor = inductor_settings(args.inductor)
     except ValueError as err:
@@ -328,11 +336,14 @@ def make_fast(pipe: UniDiffuser, parts: set[str], backend: str, steps: int = 50)
     sampling loop (with graphs); vae: the image decoder compiled; cap: the caption search's step
     compiled; cudnn: the network's attention through cuDNN; fp8 / fp8t / fp8s: block linears in
     fp8 with row / tensor / static scales, the static ones calibrated by ``calibrate`` (another
-    prompt, picture and seed than the timed calls).
+    prompt, picture and seed than the timed calls); fa: with one of those, the fp8 products
+    accumulated in the fast mode (``Fp8Linear.fast_accum``).
     """
     unknown = parts - set(PARTS)
     if unknown:
         raise ValueError(f"variant parts {sorted(unknown)}: expected some of {PARTS}")
+    if "fa" in parts and not parts & {"fp8", "fp8t", "fp8s"}:
+        raise ValueError("variant part fa (fast fp8 accumulation) goes with fp8, fp8t or fp8s")
     if not parts - {"loop"}:  # a loop graph needs the per-forward graphs' path: alone it is eager
         pipe.disable_fast_sampling()
         return "eager"
@@ -344,6 +355,10 @@ def make_fast(pipe: UniDiffuser, parts: set[str], backend: str, steps: int = 50)
         compile_autoencoder="vae" in parts, compile_captions="cap" in parts,
         attention="cudnn" if "cudnn" in parts else None, backend=backend,
     )  # fmt: skip
+    if "fa" in parts:  # set before the first call compiles the layers
+        for module in pipe._fast.module.modules():
+            if isinstance(module, Fp8Linear):
+                module.fast_accum = True
     on_gpu = pipe.device.type == "cuda"
     shown = [n for n in PARTS if n in parts and (on_gpu or n not in ("graphs", "loop"))]
     if "loop" in shown and "graphs" not in shown:
@@ -572,7 +587,7 @@ def main(argv: list[str] | None = None) -> None:
     cap = compile and cuda if args.compile_captions is None else args.compile_captions
     fp8 = {"row": "fp8", "tensor": "fp8t", "static": "fp8s"}[args.fp8_scaling] if args.fp8 else None
     chosen = {n for n, on in (("compile", compile), ("graphs", graphs), ("loop", args.loop_graphs and graphs),
-                              ("vae", vae), ("cap", cap), (fp8, fp8)) if on}  # fmt: skip
+                              ("vae", vae), ("cap", cap), (fp8, fp8), ("fa", args.fp8_fast_accum)) if on}  # fmt: skip
     if cuda:
         where = f"{torch.cuda.get_device_name(device)} | CUDA {torch.version.cuda}"
     else:

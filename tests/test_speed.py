@@ -515,6 +515,20 @@ def test_kernel_profile_section_lists_the_chosen_tasks(capsys, monkeypatch):
         "matmul", "attention", "fused", "topk/sort", "copy", "other"]  # fmt: skip
 
 
+def test_benchmark_fast_accumulation_part_reaches_every_fp8_layer(monkeypatch):
+    bench = load_benchmark(monkeypatch)
+    pipe = tiny_pipeline(seed=0)
+    name = bench.make_fast(pipe, {"compile", "fp8", "fa"}, "aot_eager")
+    layers = [m for m in pipe._fast.module.modules() if isinstance(m, Fp8Linear)]
+    assert name == "compile+fp8+fa" and layers and all(m.fast_accum for m in layers)
+    bench.make_fast(pipe, {"compile", "fp8"}, "aot_eager")  # a new fp8 copy: the default accumulation
+    assert not any(m.fast_accum for m in pipe._fast.module.modules() if isinstance(m, Fp8Linear))
+    with pytest.raises(ValueError, match=r"fa .*goes with fp8"):
+        bench.make_fast(pipe, {"compile", "fa"}, "aot_eager")
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--fp8-fast-accum"])
+
+
 def test_benchmark_inductor_settings_are_checked(monkeypatch):
     bench = load_benchmark(monkeypatch)
     assert bench.inductor_settings(["max_autotune_gemm=True", "max_autotune_gemm_backends=TRITON,CUBLAS"]) == {

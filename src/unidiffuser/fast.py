@@ -82,9 +82,17 @@ class Fp8Linear(nn.Module):
             matrix product's requirement).
         scaling: "row", "tensor" or "static".
         input_amax: with "static", the input magnitude that maps to 448.
+        fast_accum: accumulate the product in Hopper's faster, less precise fp8 mode
+            (``torch._scaled_mm``'s ``use_fast_accum``); the CPU computes the same either way.
     """
 
-    def __init__(self, linear: nn.Linear, scaling: str = "row", input_amax: float | None = None):
+    def __init__(
+        self,
+        linear: nn.Linear,
+        scaling: str = "row",
+        input_amax: float | None = None,
+        fast_accum: bool = False,
+    ):
         super().__init__()
         if scaling not in FP8_SCALINGS:
             raise ValueError(f"scaling={scaling!r}: expected one of {FP8_SCALINGS}")
@@ -99,7 +107,7 @@ class Fp8Linear(nn.Module):
             raise ValueError("Fp8Linear: input_amax goes with scaling='static', and only with it")
         if static and not (0 < input_amax < float("inf")):
             raise ValueError(f"Fp8Linear: input_amax={input_amax!r}: expected a positive finite number")
-        self.scaling = scaling
+        self.scaling, self.fast_accum = scaling, fast_accum
         w = linear.weight.detach().float()  # (out, in)
         amax = w.abs().amax(dim=1, keepdim=True) if scaling == "row" else w.abs().amax()
         scale = amax.clamp_min(1e-12) / FP8_MAX  # (out, 1) or ()
@@ -124,7 +132,10 @@ class Fp8Linear(nn.Module):
                 amax = x2.abs().amax().float()
             scale = amax.clamp_min(1e-12) / FP8_MAX
             xq = (x2.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)  # (M, K)
-        y = torch._scaled_mm(xq, self.weight.t(), scale_a=scale, scale_b=self.weight_scale, out_dtype=x.dtype)
+        y = torch._scaled_mm(
+            xq, self.weight.t(), scale_a=scale, scale_b=self.weight_scale, out_dtype=x.dtype,
+            use_fast_accum=self.fast_accum,
+        )  # fmt: skip
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, y.shape[-1])  # (..., N)
