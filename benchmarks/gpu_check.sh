@@ -22,9 +22,14 @@
 #              the image decoder eager and compiled
 #   train      benchmarks/train.py: the released size in bf16 at batch 16, and at batch 32 with
 #              gradient checkpointing, each with and without compiled blocks
+#   joint      joint at batch 1 with static fp8 (end to end, then its kernels by kind), as it is and
+#              then once per entry of JOINT_OPTIONS (';' between entries), each in its own process
+#              (inductor's settings are global): by default the fp8 products' fast accumulation,
+#              inductor's multi-kernel reductions (persistent norms over the 1536 columns, chosen by
+#              timing) and its coordinate-descent tuning of generated kernels. About 90 s each.
 #
 # STEPS="fp8 sampling tests" runs those steps alone, in that order (default: all, in the order
-# above): on a short lease, put first what is missing. All of them take about 18 minutes; a lease
+# above): on a short lease, put first what is missing (STEPS=joint: the joint target's leads). All of them take about 18 minutes; a lease
 # of 15 minutes of device time leaves about 9 for commands after the machine's start: on
 # 2026-11-27 `STEPS="fp8 tests sampling" SECTIONS="e2e throughput"` used 545 s of a 545-s budget
 # (fp8 and sampling stopped at their caps inside throughput, which now runs last).
@@ -101,14 +106,25 @@ run_step() {  # run_step NAME: one of the steps listed at the top
             --sections ${FP8_SECTIONS:-e2e stages forward accuracy throughput} "${extra[@]}"
         ;;
     parts) step parts 100 python3 benchmarks/parts.py --device "$device" "${parts[@]}" ;;
+    joint)
+        local options opt i=0
+        IFS=';' read -ra options <<<"${JOINT_OPTIONS:---fp8-fast-accum;--inductor triton.multi_kernel=1;--inductor coordinate_descent_tuning=True}"
+        for opt in "" "${options[@]}"; do
+            # shellcheck disable=SC2086  # each entry is a list of options
+            step "joint$i" 120 python3 benchmarks/sampling.py --preset "$preset" --device "$device" --fp8 \
+                --fp8-scaling static --no-diffusers --repeats 5 --sections e2e kernels --tasks joint $opt \
+                "${extra[@]}"
+            i=$((i + 1))
+        done
+        ;;
     train) step train 200 python3 benchmarks/train.py --device "$device" --steps 5 --warmup 2 --rows "${rows[@]}" ;;
     *)
-        echo "unknown step '$1': expected some of tests sampling variants fp8 parts train" | tee -a "$out/summary.txt"
+        echo "unknown step '$1': expected some of tests sampling variants fp8 parts train joint" | tee -a "$out/summary.txt"
         ;;
     esac
 }
 
-for name in ${STEPS:-tests sampling variants fp8 parts train}; do
+for name in ${STEPS:-tests sampling variants fp8 parts train joint}; do
     run_step "$name"
 done
 echo "== summary"

@@ -152,7 +152,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backend", default="inductor", help="the torch.compile backend")
     parser.add_argument(
         "--inductor", nargs="+", default=[], metavar="KEY=VALUE",
-        help="ours: torch._inductor.config settings, e.g. max_autotune_gemm=True coordinate_descent_tuning=True",
+        help="ours: torch._inductor.config settings, e.g. coordinate_descent_tuning=True triton.multi_kernel=1",
     )  # fmt: skip
     parser.add_argument("--steps", type=int, default=50, help="network evaluations per sample")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per batch-1 row")

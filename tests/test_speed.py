@@ -531,8 +531,9 @@ def test_benchmark_fast_accumulation_part_reaches_every_fp8_layer(monkeypatch):
 
 def test_benchmark_inductor_settings_are_checked(monkeypatch):
     bench = load_benchmark(monkeypatch)
-    assert bench.inductor_settings(["max_autotune_gemm=True", "max_autotune_gemm_backends=TRITON,CUBLAS"]) == {
-        "max_autotune_gemm": True, "max_autotune_gemm_backends": "TRITON,CUBLAS"}  # fmt: skip
+    pairs = ["max_autotune_gemm=True", "max_autotune_gemm_backends=TRITON,CUBLAS", "triton.multi_kernel=1"]
+    assert bench.inductor_settings(pairs) == {
+        "max_autotune_gemm": True, "max_autotune_gemm_backends": "TRITON,CUBLAS", "triton.multi_kernel": 1}  # fmt: skip
     with pytest.raises(SystemExit):
         bench.parse_args(["--inductor", "no_such_setting=1"])
 
