@@ -771,12 +771,12 @@ def main(argv: list[str] | None = None) -> None:
         for task in args.tasks:
             wall, kinds, top = kernel_profile(our_call(task, 1), device, args.repeats)
             busy = sum(kinds.values())
-            rows.append((task, 1, f"{1e3 * wall:.1f}", f"{1e3 * busy:.1f}",
+            rows.append((task, 1, f"{1e3 * wall:.1f}", f"{1e3 * busy:.1f}", f"{1e3 * (wall - busy):.1f}",
                          *(f"{1e3 * kinds.get(kind, 0.0):.1f}" for kind in KERNEL_KINDS)))  # fmt: skip
             tops += [(task, name, f"{1e3 * ms:.2f}", f"{calls:g}") for name, ms, calls in top]
         unit = "kernel" if cuda else "operator"
         print(f"\nDevice time by kind of {unit} (milliseconds per warm call, mean of {args.repeats})\n")
-        print(table(("task", "batch", "wall", f"{unit}s", *KERNEL_KINDS), rows))
+        print(table(("task", "batch", "wall", f"{unit}s", f"wall less {unit}s", *KERNEL_KINDS), rows))
         print(f"\nCostliest {unit}s (milliseconds and calls per warm call)\n")
         print(table(("task", unit, "ms", "calls"), tops), flush=True)
 
