@@ -35,6 +35,7 @@ from unidiffuser.training import (
 )
 from unidiffuser.training.cli import main as train_cli
 from unidiffuser.training.config import parse_toml
+from unidiffuser.training.data import ReadAhead
 from unidiffuser.training.trainer import lr_factor, parameter_groups, warmup_factor
 
 TOY_ARCH = ToyWorld().config(width=32, depth=2, num_heads=2)
@@ -530,6 +531,26 @@ def test_data_workers_give_the_same_batches_cursors_and_skips(shards):
     assert not any(w.is_alive() for w in workers)
     with pytest.raises(ValueError, match="num_workers=-1: must be >= 0"):
         DataStream(source, 4, seed=0, num_workers=-1)
+
+
+def test_data_workers_hand_over_whole_chunks_when_none_is_skipped(tmp_path, monkeypatch):
+    root = tmp_path / "clean"
+    write_feature_shard(
+        root / "a.safetensors", shard_tensors(12, 0, per_example_label=True), {"moments": ["img"]}
+    )
+    source = FeatureShards(root, SHARD_MODEL)
+    taken = []
+    take = ReadAhead.take
+    monkeypatch.setattr(ReadAhead, "take", lambda self, cursor: taken.append(cursor) or take(self, cursor))
+    alone = DataStream(source, 4, seed=0)
+    ahead = DataStream(source, 4, seed=0, num_workers=1)
+    for i in range(5):  # past an epoch's end: 12 rows, 3 batches an epoch
+        if i == 3:  # a resume mid-epoch: the workers' chunks start again at the new cursor
+            alone.cursor = ahead.cursor = 13
+        a, b = alone.next_batch(), ahead.next_batch()
+        assert all(torch.equal(a[k], b[k]) for k in a) and alone.cursor == ahead.cursor
+    assert taken == []  # every batch came as its chunk, none taken apart and stacked again
+    ahead.close()
 
 
 def test_disjoint_shares_across_processes(shards):

@@ -446,6 +446,29 @@ class DataStream:
     def next_batch(self) -> dict[str, Tensor]:
         """The next batch: labels (B,) long, others (B, ...) float32, moments already sampled."""
         start = self._cursor
+        batch = self._whole_chunk()
+        if batch is None:
+            batch = self._gather()
+        g = torch.Generator().manual_seed(derive_seed(self.seed, "latent", self.rank, start))
+        for name, scale in self.source.moments.items():
+            batch[name] = sample_latent(batch[name], g, scale)
+        return batch
+
+    def _whole_chunk(self) -> dict[str, Tensor] | None:
+        """With workers, their next chunk as it came when it is exactly the next batch (no example
+        skipped, nothing left over from an earlier chunk); else None. The batch is the one that
+        ``_gather`` would stack, without taking it apart and stacking it again here."""
+        if self.num_workers == 0:
+            return None
+        if self._ahead is None:
+            self._ahead = ReadAhead(self, self._cursor)
+        batch = self._ahead.take_chunk(self._cursor, self.batch_size)
+        if batch is not None:
+            self._cursor += self.batch_size
+        return batch
+
+    def _gather(self) -> dict[str, Tensor]:
+        """The next batch_size good examples one by one, stacked; skipped ones counted."""
         items, misses = [], 0
         while len(items) < self.batch_size:
             cursor = self._cursor
@@ -460,11 +483,7 @@ class DataStream:
                     raise RuntimeError(
                         f"{misses} bad examples in a row (last: {e}); the data is unusable"
                     ) from e
-        batch = {name: torch.stack([item[name] for item in items]) for name in items[0]}
-        g = torch.Generator().manual_seed(derive_seed(self.seed, "latent", self.rank, start))
-        for name, scale in self.source.moments.items():
-            batch[name] = sample_latent(batch[name], g, scale)
-        return batch
+        return {name: torch.stack([item[name] for item in items]) for name in items[0]}
 
     def _example(self, cursor: int) -> dict[str, Tensor]:
         """The example at one cursor of this process's share (raises SkipExample)."""
@@ -549,16 +568,32 @@ class ReadAhead:
         self.next_cursor = start
         self.pending: collections.deque[dict[str, Tensor] | tuple[str, str]] = collections.deque()
 
+    def take_chunk(self, cursor: int, size: int) -> dict[str, Tensor] | None:
+        """The next chunk's stacked examples, if it holds the ``size`` examples from ``cursor`` on,
+        none skipped; else None, and its examples wait for ``take``."""
+        if cursor != self.next_cursor:
+            raise RuntimeError(f"read ahead to cursor {self.next_cursor}, asked for {cursor}")
+        if self.pending:  # an earlier chunk is part-way through: the chunks no longer fit batches
+            return None
+        stacked, outcomes = next(self.chunks)
+        if outcomes == list(range(size)):
+            self.next_cursor += size
+            return stacked
+        self._queue(stacked, outcomes)
+        return None
+
+    def _queue(self, stacked: dict[str, Tensor], outcomes: list[int | tuple[str, str]]) -> None:
+        for outcome in outcomes:
+            if isinstance(outcome, int):
+                self.pending.append({name: values[outcome] for name, values in stacked.items()})
+            else:
+                self.pending.append(outcome)
+
     def take(self, cursor: int) -> dict[str, Tensor]:
         if cursor != self.next_cursor:
             raise RuntimeError(f"read ahead to cursor {self.next_cursor}, asked for {cursor}")
         if not self.pending:
-            stacked, outcomes = next(self.chunks)
-            for outcome in outcomes:
-                if isinstance(outcome, int):
-                    self.pending.append({name: values[outcome] for name, values in stacked.items()})
-                else:
-                    self.pending.append(outcome)
+            self._queue(*next(self.chunks))
         self.next_cursor += 1
         example = self.pending.popleft()
         if isinstance(example, tuple):
