@@ -18,9 +18,13 @@
 # Options (environment): DEVICE (cuda), BATCH (256), LR (2e-4), EXAMPLES (60000), EVAL_SAMPLES
 # (192), EVAL_STEPS (50), SEED (15: the tune's data order and noise), PROBE_STEPS (300),
 # EVAL_RESERVE (150 s kept for saving and scoring), MIXED_PRECISION (bf16 on cuda, no elsewhere),
-# NUM_WORKERS (processes reading the features ahead: 4 on cuda, 0 elsewhere), WORK (a temporary
-# folder; scenes, features and the run already there are reused and resumed). A CPU check of the
-# script (its model means nothing):
+# NUM_WORKERS (processes reading the features ahead: 4 on cuda, 0 elsewhere), COMPILE (1:
+# torch.compile the network for training; default 0), INIT (a model directory whose network the
+# tune starts from, e.g. the shipped one with an earlier run's network.safetensors copied in: a
+# run longer than one lease, lease by lease; default the shipped model), WORK (a temporary
+# folder; scenes, features and the run already there are reused and resumed). On one H100
+# (2026-11-27) a budget of 420 s gave 94 s of rendering and extraction, the probe, and 1300 steps
+# at about 2,900 samples a second. A CPU check of the script (its model means nothing):
 #   DEVICE=cpu BATCH=8 EXAMPLES=256 EVAL_SAMPLES=2 EVAL_STEPS=2 PROBE_STEPS=20 EVAL_RESERVE=60 \
 #       bash scripts/shapes_gpu_tune.sh /tmp/out 200
 set -u
@@ -63,14 +67,18 @@ seconds_left() { # seconds_left [RESERVE]: seconds to the budget's end less RESE
 
 tune_command() { # tune_command STEPS DECAY: sets run_args to the tune stage's last phase, into WORK/shapes/tune,
     # where the recipe's model stage looks
-    run_args=("${ud[@]}" train --data "$work/shapes/features" --init-from "$shipped"
+    run_args=("${ud[@]}" train --data "$work/shapes/features" --init-from "$init"
         --output-dir "$work/shapes/tune" --steps "$1" --batch-size "$batch" --lr "$lr" --warmup-steps 100
         --decay-steps "$2" --ema-decay 0.999 --clean-prob 0.5 --loss-weight img=10
         --loss-weight text=3 --checkpoint-every 1000 --keep-last 2 --log-every 50 --seed "$seed" --resume
-        --mixed-precision "$precision" --num-workers "$workers")
+        --mixed-precision "$precision" --num-workers "$workers" "${compile_flag[@]}")
 }
 
 shipped=$(python3 -c "from unidiffuser.shipped import shipped_model_dir; print(shipped_model_dir())") || exit
+init=${INIT:-$shipped}
+[[ -f $init/network.safetensors ]] || { echo "INIT=$init: no network.safetensors there" >&2; exit 2; }
+compile_flag=()
+[[ ${COMPILE:-0} == 1 ]] && compile_flag=(--compile)
 # the recipe's run folder (its options must stay the same from call to call)
 recipe=("${ud[@]}" recipe shapes --out "$work/shapes" --frozen-from shipped --device "$device" --set "examples=$examples")
 step prepare "${recipe[@]}" --stage components --stage data --stage features || exit
