@@ -457,7 +457,8 @@ class DataStream:
     def _whole_chunk(self) -> dict[str, Tensor] | None:
         """With workers, their next chunk as it came when it is exactly the next batch (no example
         skipped, nothing left over from an earlier chunk); else None. The batch is the one that
-        ``_gather`` would stack, without taking it apart and stacking it again here."""
+        ``_gather`` would stack, without taking it apart and stacking it again here. Once an
+        example is skipped, batches straddle chunks and are gathered one example at a time."""
         if self.num_workers == 0:
             return None
         if self._ahead is None:
