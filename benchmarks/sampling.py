@@ -541,8 +541,8 @@ def kernel_profile(call: Callable[[], object], device: torch.device, repeats: in
     """Profile ``repeats`` warm calls: wall seconds per call, device seconds per kind, the top kernels.
 
     On CUDA the device time is the kernels' own (those replayed from CUDA graphs included); on the
-    CPU it is each operator's self time. Returns (wall, {kind: seconds}, [(name, seconds, calls)]),
-    all per call.
+    CPU it is each operator's self time. Returns (wall, {kind: seconds}, launches,
+    [(name, seconds, calls)]), all per call: launches counts the kernels (operators) run.
     """
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -558,7 +558,7 @@ def kernel_profile(call: Callable[[], object], device: torch.device, repeats: in
         synchronize(device)
         wall = (time.perf_counter() - start) / repeats
     kinds: dict[str, float] = {}
-    costs = []
+    costs, launches = [], 0.0
     for event in prof.key_averages():
         if cuda and event.device_type != DeviceType.CUDA:
             continue
@@ -568,8 +568,9 @@ def kernel_profile(call: Callable[[], object], device: torch.device, repeats: in
         kind = kernel_kind(event.key)
         kinds[kind] = kinds.get(kind, 0.0) + seconds
         costs.append((event.key[:90], seconds, event.count / repeats))
+        launches += event.count / repeats
     costs.sort(key=lambda c: -c[1])
-    return wall, kinds, costs[:top]
+    return wall, kinds, launches, costs[:top]
 
 
 # -- the sections -------------------------------------------------------------------------------
@@ -769,14 +770,29 @@ def main(argv: list[str] | None = None) -> None:
     if "kernels" in args.sections:
         rows, tops = [], []
         for task in args.tasks:
-            wall, kinds, top = kernel_profile(our_call(task, 1), device, args.repeats)
+            wall, kinds, launches, top = kernel_profile(our_call(task, 1), device, args.repeats)
             busy = sum(kinds.values())
-            rows.append((task, 1, f"{1e3 * wall:.1f}", f"{1e3 * busy:.1f}", f"{1e3 * (wall - busy):.1f}",
+            rows.append((task, 1, f"{1e3 * wall:.1f}", f"{launches:,.0f}", f"{1e3 * busy:.1f}", f"{1e3 * (wall - busy):.1f}",
                          *(f"{1e3 * kinds.get(kind, 0.0):.1f}" for kind in KERNEL_KINDS)))  # fmt: skip
             tops += [(task, name, f"{1e3 * ms:.2f}", f"{calls:g}") for name, ms, calls in top]
         unit = "kernel" if cuda else "operator"
-        print(f"\nDevice time by kind of {unit} (milliseconds per warm call, mean of {args.repeats})\n")
-        print(table(("task", "batch", "wall", f"{unit}s", f"wall less {unit}s", *KERNEL_KINDS), rows))
+        print(
+            f"\nDevice time by kind of {unit} (milliseconds and runs per warm call, mean of {args.repeats})\n"
+        )
+        print(
+            table(
+                (
+                    "task",
+                    "batch",
+                    "wall",
+                    f"{unit} runs",
+                    f"{unit} time",
+                    f"wall less {unit} time",
+                    *KERNEL_KINDS,
+                ),
+                rows,
+            )
+        )
         print(f"\nCostliest {unit}s (milliseconds and calls per warm call)\n")
         print(table(("task", unit, "ms", "calls"), tops), flush=True)
 
