@@ -29,10 +29,11 @@
 #              timing) and its coordinate-descent tuning of generated kernels. About 90 s each.
 #
 # STEPS="fp8 sampling tests" runs those steps alone, in that order (default: all, in the order
-# above): on a short lease, put first what is missing (STEPS=joint: the joint target's leads). All of them take about 18 minutes; a lease
-# of 15 minutes of device time leaves about 9 for commands after the machine's start: on
-# 2026-11-27 `STEPS="fp8 tests sampling" SECTIONS="e2e throughput"` used 545 s of a 545-s budget
-# (fp8 and sampling stopped at their caps inside throughput, which now runs last).
+# above): on a short lease, put first what is missing (STEPS=joint: the joint target's leads).
+# All of them take about 18 minutes; a lease of 15 minutes of device time leaves about 9 for
+# commands after the machine's start: on 2026-11-27 `STEPS="fp8 tests sampling" SECTIONS="e2e
+# throughput"` used 545 s of a 545-s budget (fp8 and sampling stopped at their caps inside
+# throughput, which now runs last).
 #
 # PRESET=tiny DEVICE=cpu runs the same steps on the CPU with the tiny components (a smoke test of
 # this script; its figures mean nothing).

@@ -461,9 +461,7 @@ class DataStream:
         example is skipped, batches straddle chunks and are gathered one example at a time."""
         if self.num_workers == 0:
             return None
-        if self._ahead is None:
-            self._ahead = ReadAhead(self, self._cursor)
-        batch = self._ahead.take_chunk(self._cursor, self.batch_size)
+        batch = self._reader(self._cursor).take_chunk(self._cursor, self.batch_size)
         if batch is not None:
             self._cursor += self.batch_size
         return batch
@@ -490,9 +488,13 @@ class DataStream:
         """The example at one cursor of this process's share (raises SkipExample)."""
         if self.num_workers == 0:
             return read_example(self.source, cursor * self.world_size + self.rank, self.seed)
+        return self._reader(cursor).take(cursor)
+
+    def _reader(self, cursor: int) -> ReadAhead:
+        """The worker processes, started at ``cursor`` if none are running."""
         if self._ahead is None:
             self._ahead = ReadAhead(self, cursor)
-        return self._ahead.take(cursor)
+        return self._ahead
 
     def close(self) -> None:
         """Stop the worker processes (a later batch starts them again)."""
@@ -572,8 +574,7 @@ class ReadAhead:
     def take_chunk(self, cursor: int, size: int) -> dict[str, Tensor] | None:
         """The next chunk's stacked examples, if it holds the ``size`` examples from ``cursor`` on,
         none skipped; else None, and its examples wait for ``take``."""
-        if cursor != self.next_cursor:
-            raise RuntimeError(f"read ahead to cursor {self.next_cursor}, asked for {cursor}")
+        self._check(cursor)
         if self.pending:  # an earlier chunk is part-way through: the chunks no longer fit batches
             return None
         stacked, outcomes = next(self.chunks)
@@ -590,9 +591,12 @@ class ReadAhead:
             else:
                 self.pending.append(outcome)
 
-    def take(self, cursor: int) -> dict[str, Tensor]:
+    def _check(self, cursor: int) -> None:
         if cursor != self.next_cursor:
             raise RuntimeError(f"read ahead to cursor {self.next_cursor}, asked for {cursor}")
+
+    def take(self, cursor: int) -> dict[str, Tensor]:
+        self._check(cursor)
         if not self.pending:
             self._queue(*next(self.chunks))
         self.next_cursor += 1
