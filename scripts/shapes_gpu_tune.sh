@@ -18,15 +18,18 @@
 # Options (environment): DEVICE (cuda), BATCH (256), LR (2e-4), EXAMPLES (60000), EVAL_SAMPLES
 # (192), EVAL_STEPS (50), SEED (15: the tune's data order and noise), PROBE_STEPS (300),
 # EVAL_RESERVE (150 s kept for saving and scoring), MIXED_PRECISION (bf16 on cuda, no elsewhere),
-# NUM_WORKERS (processes reading the features ahead: 4 on cuda, 0 elsewhere), COMPILE (1:
+# IN_MEMORY (1: the features read into memory once, `train --data-in-memory`; 1 on cuda, 0
+# elsewhere), NUM_WORKERS (with IN_MEMORY=0, processes reading the features ahead: 4 on cuda, 0
+# elsewhere), COMPILE (1:
 # torch.compile the network for training; default 0), INIT (a model directory whose network the
 # tune starts from, e.g. the shipped one with an earlier run's network.safetensors copied in: a
 # run longer than one lease, lease by lease; default the shipped model), WORK (a temporary
 # folder; scenes, features and the run already there are reused and resumed). On one H100
 # (2026-11-27) a budget of 420 s gave 94 s of rendering and extraction, the probe, and 1300 steps
-# at about 2,900 samples a second. A CPU check of the script (its model means nothing):
+# at about 2,900 samples a second, with 4 workers reading the files (the in-memory default is newer
+# and not yet timed on a GPU). A CPU check of the script (its model means nothing):
 #   DEVICE=cpu BATCH=8 EXAMPLES=256 EVAL_SAMPLES=2 EVAL_STEPS=2 PROBE_STEPS=20 EVAL_RESERVE=60 \
-#       bash scripts/shapes_gpu_tune.sh /tmp/out 200
+#       IN_MEMORY=1 bash scripts/shapes_gpu_tune.sh /tmp/out 200
 set -u
 out=${1:?usage: bash scripts/shapes_gpu_tune.sh OUT_DIR [BUDGET_SECONDS]}
 budget=${2:-540}
@@ -38,8 +41,10 @@ eval_samples=${EVAL_SAMPLES:-192}
 eval_steps=${EVAL_STEPS:-50}
 seed=${SEED:-15}
 probe_steps=${PROBE_STEPS:-300}
-if [[ $device == cuda ]]; then precision=${MIXED_PRECISION:-bf16} workers=${NUM_WORKERS:-4}; else
-    precision=${MIXED_PRECISION:-no} workers=${NUM_WORKERS:-0}; fi
+if [[ $device == cuda ]]; then precision=${MIXED_PRECISION:-bf16} workers=${NUM_WORKERS:-4} in_memory=${IN_MEMORY:-1}; else
+    precision=${MIXED_PRECISION:-no} workers=${NUM_WORKERS:-0} in_memory=${IN_MEMORY:-0}; fi
+data_flags=(--num-workers "$workers")
+[[ $in_memory == 1 ]] && data_flags=(--data-in-memory --num-workers 0)
 eval_reserve=${EVAL_RESERVE:-150}
 work=${WORK:-$(mktemp -d)}
 mkdir -p "$out"
@@ -71,7 +76,7 @@ tune_command() { # tune_command STEPS DECAY: sets run_args to the tune stage's l
         --output-dir "$work/shapes/tune" --steps "$1" --batch-size "$batch" --lr "$lr" --warmup-steps 100
         --decay-steps "$2" --ema-decay 0.999 --clean-prob 0.5 --loss-weight img=10
         --loss-weight text=3 --checkpoint-every 1000 --keep-last 2 --log-every 50 --seed "$seed" --resume
-        --mixed-precision "$precision" --num-workers "$workers" "${compile_flag[@]}")
+        --mixed-precision "$precision" "${data_flags[@]}" "${compile_flag[@]}")
 }
 
 shipped=$(python3 -c "from unidiffuser.shipped import shipped_model_dir; print(shipped_model_dir())") || exit

@@ -10,10 +10,11 @@ from unidiffuser.shapes.composition import (
     clip_blind,
     clip_swap,
     main,
+    representations,
     shape_probe,
 )
 from unidiffuser.shapes.world import COLOURS, HELD_OUT, SHAPES
-from unidiffuser.shipped import load_shipped
+from unidiffuser.shipped import load_shipped, shipped_model_dir
 
 
 def code(pairs, noise=0.05, seed=0):
@@ -130,3 +131,25 @@ def test_command_refuses_a_sample_count_below_one(capsys):
     with pytest.raises(SystemExit):
         main(["--samples", "0"])
     assert "--samples" in capsys.readouterr().err
+
+
+def test_command_probes_one_image_tower_on_its_own(pipe, capsys):
+    folder = str(shipped_model_dir() / "image_encoder")
+    assert main(["--image-encoder", folder]) == 0
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    # the same figures as the probe of the pipeline's own CLIP embedding
+    expected = shape_probe(representations(pipe)["CLIP image embedding"])
+    assert cells[0] == folder
+    assert [float(c) for c in cells[1:]] == pytest.approx(list(expected.values()), abs=0.0015)
+
+
+def test_command_refuses_a_model_beside_an_image_tower(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--image-encoder", str(tmp_path), "--model", str(tmp_path)])
+    assert "leave out --model" in capsys.readouterr().err
+
+
+def test_command_names_a_missing_image_tower(tmp_path):
+    with pytest.raises(SystemExit, match=r"--image-encoder .*missing"):
+        main(["--image-encoder", str(tmp_path / "missing")])

@@ -224,6 +224,8 @@ def test_set_refuses_what_is_no_option(pairs, message):
         ({"uvit_lr": -1e-4}, r"uvit_lr=-0.0001: expected > 0"),
         ({"tune_steps": -1}, r"tune_steps=-1: expected >= 0"),
         ({"tune_clean_prob": 1.0}, r"tune_clean_prob=1.0: expected a share in \[0, 1\)"),
+        ({"clip_colourless": 1.0}, r"clip_colourless=1.0: expected a share in \[0, 1\)"),
+        ({"clip_colourless": -0.5}, r"clip_colourless=-0.5: expected >= 0"),
         ({"ema_decay": 1.0}, r"ema_decay=1.0: expected a value in \(0, 1\)"),
         ({"uvit_width": 100, "uvit_heads": 3}, r"uvit_width=100: expected a multiple of uvit_heads=3"),
         ({"precision": "fp8"}, r"precision='fp8': expected one of \('no', 'bf16', 'fp16'\)"),
@@ -239,6 +241,18 @@ def test_set_refuses_what_is_no_option(pairs, message):
 def test_a_recipe_refuses_bad_options_before_any_stage_runs(options, message):
     with pytest.raises(ValueError, match=message):
         Recipe.full(**options)
+
+
+def test_the_clip_stage_draws_the_recipes_share_of_colourless_pairs(tmp_path, monkeypatch):
+    from unidiffuser.shapes import clip_training
+    from unidiffuser.shapes.recipe import _clip
+
+    given = {}
+    monkeypatch.setattr(clip_training, "train_clip", lambda path, **kwargs: given.update(kwargs))
+    _clip(tmp_path, Recipe.full(clip_colourless=0.25))
+    assert given["colourless"] == 0.25
+    _clip(tmp_path, Recipe.full())
+    assert given["colourless"] == 0.0  # the shipped model's CLIP saw none
 
 
 @pytest.mark.parametrize("tokens", [2, 4, 8])

@@ -200,6 +200,23 @@ def test_renders_are_exact_deterministic_and_objects_are_several_pixels(size):
         assert m1.shape != m2.shape or not np.array_equal(m1, m2), (k1, k2)
 
 
+def test_render_paints_objects_in_given_colours_outside_the_palette():
+    for s in scenes(7, 50):
+        paints = [(150 + 20 * k, 150 + 20 * k, 150 + 20 * k) for k in range(len(s.objects))]
+        array = render_array(s, 64, rgb=paints)
+        plain = render_array(s, 64)
+        for o, paint in zip(s.objects, paints, strict=True):
+            # the same pixels as the palette render, in the given colour instead
+            assert np.array_equal((array == paint).all(-1), (plain == COLOURS[o.colour]).all(-1))
+        assert not any((array == rgb).all(-1).any() for rgb in COLOURS.values())
+
+
+def test_render_refuses_a_colour_count_that_is_not_one_per_object():
+    s = scenes(8, 1, num_objects=2)[0]
+    with pytest.raises(ValueError, match="3 colours for 2 objects"):
+        render_array(s, 32, rgb=[(200, 200, 200)] * 3)
+
+
 @pytest.mark.parametrize("size", SIZES_PX)
 def test_two_large_objects_in_adjacent_cells_never_touch(size):
     r = object_radius("large", size)
@@ -261,6 +278,29 @@ def test_captions_are_deterministic_and_canonical_without_rng():
     assert caption(pair) == "a small red circle to the left of a large green square"
     assert [caption(pair, seed) for seed in range(20)] == [caption(pair, seed) for seed in range(20)]
     assert len({caption(pair, seed) for seed in range(20)}) > 10
+
+
+def test_captions_without_colour_say_everything_else():
+    pair = Scene(
+        (Object("circle", "red", "small", 0, 0), Object("square", "green", "large", 2, 0)), "gray", "left of"
+    )
+    assert caption(pair, colour=False) == "a small circle to the left of a large square"
+    rng = np.random.default_rng(3)
+    for s in scenes(12, 300):
+        text = caption(s, rng, colour=False)
+        assert not set(text.split()) & set(COLOURS), text
+        # put each object's colour back after its size word (the objects' noun phrases come in
+        # order): the caption then reads as the scene's own
+        words = text.split()
+        sizes = [
+            i
+            for i in range(1, len(words))
+            if words[i - 1] == "a" and any(words[i] in f for f in SIZE_WORDS.values())
+        ]
+        assert len(sizes) == len(s.objects), text
+        for i, o in reversed(list(zip(sizes, s.objects, strict=True))):
+            words.insert(i + 1, o.colour)
+        assert parse_caption(" ".join(words)) in (describe(s), describe(s, background=True)), text
 
 
 def test_caption_bad_arguments():

@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 
 from unidiffuser.components.caption import CaptionDecoder, CaptionDecoderConfig
 from unidiffuser.components.clip import ClipImageEmbedder, ClipTextEncoder
-from unidiffuser.shapes import caption, clip_training, normalize, render, sample_scene
+from unidiffuser.shapes import COLOURS, caption, clip_training, normalize, render, sample_scene
 from unidiffuser.shapes.clip_training import load_clip, retrieval_accuracy, train_clip
 from unidiffuser.shapes.tokenizer import build_caption_tokenizers, caption_corpus, vocabulary
 
@@ -121,6 +121,36 @@ def test_gpt2_tokenizer_fits_the_caption_decoder(tokenizers):
     ids, mask = decoder.tokenize(["a small red circle in the center"])
     assert ids[0, int(mask[0].sum()) - 1] == gpt2_tok.eos_token_id
     assert int(mask[0].sum()) == 8  # seven words, one token each, then <|EOS|>
+
+
+def test_batches_without_colourless_pairs_are_the_world_as_it_is():
+    images, texts = clip_training.sample_batch(np.random.default_rng(4), 16, 32)
+    rng = np.random.default_rng(4)
+    scenes = [sample_scene(rng, "train") for _ in range(16)]
+    assert np.array_equal(images, np.stack([np.asarray(render(s, 32)) for s in scenes]))
+    assert texts == [caption(s, rng) for s in scenes]
+
+
+def test_colourless_pairs_are_gray_pictures_with_captions_that_name_no_colour():
+    images, texts = clip_training.sample_batch(np.random.default_rng(5), 400, 32, colourless=0.5)
+    low, high = clip_training.COLOURLESS_GRAYS
+    hues = np.array([rgb for rgb in COLOURS.values() if len(set(rgb)) > 1])  # the palette but white
+    colourless = 0
+    for image, text in zip(images, texts, strict=True):
+        named = bool(set(text.split()) & set(COLOURS))
+        assert named == ("white" in text or (image.reshape(-1, 1, 3) == hues).all(-1).any()), text
+        if not named:
+            colourless += 1
+            gray = (
+                (image[..., 0] == image[..., 1]) & (image[..., 1] == image[..., 2]) & (image[..., 0] >= low)
+            )
+            assert gray.sum() >= 9 and (image[gray] < high).all()  # the objects, in grays of the range
+    assert 160 <= colourless <= 240  # a share of 0.5 of 400: 200, +-4 standard deviations
+
+
+def test_training_refuses_a_colourless_share_outside_zero_to_one(tmp_path):
+    with pytest.raises(ValueError, match=r"colourless=1.0: expected a share in \[0, 1\)"):
+        train_clip(tmp_path, steps=1, colourless=1.0)
 
 
 # ---------------------------------------------------------------------------------------------

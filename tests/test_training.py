@@ -35,7 +35,7 @@ from unidiffuser.training import (
 )
 from unidiffuser.training.cli import main as train_cli
 from unidiffuser.training.config import parse_toml
-from unidiffuser.training.data import ReadAhead
+from unidiffuser.training.data import FeatureArrays, ReadAhead
 from unidiffuser.training.trainer import lr_factor, parameter_groups, warmup_factor
 
 TOY_ARCH = ToyWorld().config(width=32, depth=2, num_heads=2)
@@ -606,6 +606,104 @@ def test_training_on_shards_reports_the_skips(shards, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "skipping shard c.safetensors: unreadable" in err and "skipping shard d.safetensors" in err
     assert f"{result.skipped['non_finite']} non_finite" in err
+
+
+def same_batches(a: DataStream, b: DataStream, batches: int, resume_at: int | None = None) -> None:
+    for i in range(batches):
+        if i == resume_at:  # a resume mid-run: both continue from one cursor
+            a.cursor = b.cursor = a.cursor + 1
+        x, y = a.next_batch(), b.next_batch()
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), i
+        assert a.cursor == b.cursor
+    assert a.skipped == b.skipped
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_data_in_memory_gives_the_same_batches_cursors_and_skips(shards, rank):
+    files = FeatureShards(shards, SHARD_MODEL)
+    memory = FeatureArrays(FeatureShards(shards, SHARD_MODEL))
+    assert memory.bad_shards == files.bad_shards and len(memory) == 20
+    assert [memory.index(q, 3) for q in range(45)] == [files.index(q, 3) for q in range(45)]
+    a = DataStream(files, 3, seed=3, rank=rank, world_size=2)
+    b = DataStream(memory, 3, seed=3, rank=rank, world_size=2)
+    same_batches(a, b, 12, resume_at=7)  # three epochs of this process's 10 rows, 3 of them NaN
+    assert a.skipped["non_finite"] >= 3
+    assert memory.values["img"].dtype == torch.float16  # kept as stored, float32 in each batch
+
+
+def test_data_in_memory_skips_a_shard_that_fails_to_read_as_reading_would(shards, monkeypatch):
+    import unidiffuser.training.data as data
+
+    files = FeatureShards(shards, SHARD_MODEL)
+    real = data.safe_open
+
+    def failing(path, *args, **kwargs):
+        if Path(path).name == "b.safetensors":
+            raise OSError("input/output error")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(data, "safe_open", failing)  # after the headers were read: fails on reading
+    memory = FeatureArrays(files)
+    assert int((memory.bad == 1 + data.BAD_REASONS.index("unreadable")).sum()) == 8
+    a, b = DataStream(files, 4, seed=0), DataStream(memory, 4, seed=0)
+    same_batches(a, b, 8)
+    assert a.skipped["unreadable"] >= 8 and a.skipped["non_finite"] == 0
+
+
+def test_data_in_memory_gives_up_on_bad_rows_in_a_row_as_reading_does(tmp_path):
+    root = tmp_path / "bad"
+    nan = shard_tensors(8, 1, per_example_label=True)
+    nan["clip_img"][:] = float("nan")
+    write_feature_shard(root / "a.safetensors", nan, {"moments": ["img"]})
+    write_feature_shard(
+        root / "b.safetensors", shard_tensors(2, 2, per_example_label=True), {"moments": ["img"]}
+    )
+    source = FeatureShards(root, SHARD_MODEL)
+    for stream in (
+        DataStream(source, 4, seed=0, max_misses=5),
+        DataStream(FeatureArrays(source), 4, seed=0, max_misses=5),
+    ):
+        with pytest.raises(RuntimeError, match=r"5 bad examples in a row .*non_finite.*unusable"):
+            for _ in range(4):
+                stream.next_batch()
+
+
+def test_data_in_memory_refuses_data_larger_than_the_memory_it_may_take(shards):
+    with pytest.raises(
+        ValueError, match=r"20 examples take 0.0 GiB in memory, more than .*data_in_memory = false"
+    ):
+        FeatureArrays(FeatureShards(shards, SHARD_MODEL), memory=100)
+    with pytest.raises(ValueError, match="num_workers=2: the data is in memory"):
+        DataStream(FeatureArrays(FeatureShards(shards, SHARD_MODEL)), 4, seed=0, num_workers=2)
+
+
+def test_training_with_data_in_memory_ends_with_the_same_weights(shards, tmp_path):
+    common = dict(
+        model=SHARD_MODEL.to_dict(), data=str(shards), steps=4, batch_size=6, checkpoint_every=4,
+        log_every=2, warmup_steps=1,
+    )  # fmt: skip
+    files = train(TrainConfig(output_dir=str(tmp_path / "files"), **common))
+    memory = train(TrainConfig(output_dir=str(tmp_path / "memory"), data_in_memory=True, **common))
+    assert files.skipped == memory.skipped and files.skipped["non_finite"] >= 1
+    for name, value in files.ema.state_dict().items():
+        assert torch.equal(value, memory.ema.state_dict()[name]), name
+    assert (tmp_path / "memory" / "log.jsonl").read_text().count('"loss"') == 2
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"data": "toy"}, "data_in_memory = True: reads feature shards"),
+        (
+            {"num_workers": 2},
+            "num_workers = 2: reads ahead from the files, and data_in_memory = true reads none",
+        ),
+    ],
+)
+def test_data_in_memory_refuses_what_it_cannot_serve(tmp_path, options, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{"model": SHARD_MODEL.to_dict(), "data": str(tmp_path), "output_dir": str(tmp_path / "run"),
+                       "data_in_memory": True, **options})  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

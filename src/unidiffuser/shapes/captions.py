@@ -94,8 +94,11 @@ def _choose(rng: np.random.Generator | None, options: tuple[str, ...]) -> str:
     return options[0] if rng is None else options[int(rng.integers(len(options)))]
 
 
-def _noun_phrase(o: Object, rng: np.random.Generator | None) -> str:
-    return f"a {_choose(rng, SIZE_WORDS[o.size])} {_choose(rng, COLOUR_WORDS[o.colour])} {_choose(rng, SHAPE_WORDS[o.shape])}"
+def _noun_phrase(o: Object, rng: np.random.Generator | None, colour: bool = True) -> str:
+    size = _choose(rng, SIZE_WORDS[o.size])
+    if not colour:
+        return f"a {size} {_choose(rng, SHAPE_WORDS[o.shape])}"
+    return f"a {size} {_choose(rng, COLOUR_WORDS[o.colour])} {_choose(rng, SHAPE_WORDS[o.shape])}"
 
 
 def caption(
@@ -104,6 +107,7 @@ def caption(
     *,
     template: int | None = None,
     background: bool | None = None,
+    colour: bool = True,
 ) -> str:
     """A caption of the scene.
 
@@ -114,6 +118,9 @@ def caption(
         template: index into ``templates(len(scene.objects))``; None draws one.
         background: state the background (True), not (False), or draw (None: with probability
             ``BACKGROUND_CHANCE`` when rng is given, never without).
+        colour: False leaves every object's colour out ("a small circle"), for pictures whose
+            objects are not drawn in their colours (``clip_training``); such a caption is not one
+            ``parse_caption`` reads.
 
     Raises:
         ValueError: a template index out of range, a lone object without a cell, or background=True
@@ -136,13 +143,13 @@ def caption(
         (o,) = scene.objects
         if not o.placed:
             raise ValueError(f"{o}: a lone object's caption states its cell")
-        slots |= {"o": _noun_phrase(o, gen), "p": _choose(gen, POSITION_WORDS[o.x, o.y])}
+        slots |= {"o": _noun_phrase(o, gen, colour), "p": _choose(gen, POSITION_WORDS[o.x, o.y])}
     else:
         a, b = scene.objects
         slots |= {
-            "a": _noun_phrase(a, gen),
+            "a": _noun_phrase(a, gen, colour),
             "r": _choose(gen, RELATION_WORDS[scene.relation]),
-            "b": _noun_phrase(b, gen),
+            "b": _noun_phrase(b, gen, colour),
         }
     text = options[template].format(**slots)
     if background:

@@ -55,6 +55,10 @@ MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps its temperature so logits stay 
 DEFAULT_STEPS = 5000
 DEFAULT_BATCH_SIZE = 128
 DEFAULT_LR = 1e-3
+# The grays colourless pairs are painted in, [low, high): far from the gray background (96) and the
+# gradient's channels (at most 90), so the outline stays as clear as in a coloured render. The
+# lightest is the palette's white, a colour every shape is shown in.
+COLOURLESS_GRAYS = (150, 256)
 
 
 def vision_config(image_size: int = 32) -> ImageEmbedderConfig:
@@ -107,12 +111,27 @@ def pixels(arrays: np.ndarray) -> Tensor:
 
 
 def sample_batch(
-    rng: np.random.Generator, batch_size: int, image_size: int, split: str = "train"
+    rng: np.random.Generator, batch_size: int, image_size: int, split: str = "train", colourless: float = 0.0
 ) -> tuple[np.ndarray, list[str]]:
-    """Fresh scenes: their renders (B, S, S, 3) uint8 and one random caption each."""
+    """Fresh scenes: their renders (B, S, S, 3) uint8 and one random caption each.
+
+    ``colourless``: the share of pairs (each drawn) whose objects are painted in random grays
+    (``COLOURLESS_GRAYS``) and whose captions leave colour out. Such a pair pins a shape to its
+    outline alone, whatever colour it is drawn in; no held-out pair is ever shown. With 0 the rng
+    draws nothing for it.
+    """
     scenes = [sample_scene(rng, split) for _ in range(batch_size)]
-    images = np.stack([render_array(s, image_size) for s in scenes])
-    return images, [caption(s, rng) for s in scenes]
+    plain = np.ones(batch_size, dtype=bool) if colourless == 0 else rng.random(batch_size) >= colourless
+    images, texts = [], []
+    for s, coloured in zip(scenes, plain, strict=True):
+        grays = (
+            None
+            if coloured
+            else [(v, v, v) for v in rng.integers(*COLOURLESS_GRAYS, size=len(s.objects)).tolist()]
+        )
+        images.append(render_array(s, image_size, rgb=grays))
+        texts.append(caption(s, rng, colour=bool(coloured)))
+    return np.stack(images), texts
 
 
 def tokenize(tokenizer: CLIPTokenizer, texts: list[str]) -> Tensor:
@@ -197,6 +216,7 @@ def train_clip(
     keep_last: int = 2,
     tokenizer_seed: int = 0,
     eval_groups: int = 32,
+    colourless: float = 0.0,
     progress: bool = True,
 ) -> tuple[ClipImageEmbedder, ClipTextEncoder]:
     """Train the small CLIP on the shapes world and write its towers; resumes from ``out_dir``.
@@ -215,11 +235,15 @@ def train_clip(
         keep_last: checkpoints kept.
         tokenizer_seed: seed of ``build_clip_tokenizer``.
         eval_groups: groups of 16 held-out scenes for the final retrieval accuracy; 0 skips it.
+        colourless: the share of pairs drawn in grays and captioned without colours
+            (``sample_batch``), in [0, 1).
         progress: show a progress bar.
 
     Returns:
         The trained (image embedder, text encoder), frozen, on the CPU.
     """
+    if not 0.0 <= colourless < 1.0:
+        raise ValueError(f"colourless={colourless}: expected a share in [0, 1), such as 0.5")
     if steps < 1 or batch_size < 2 or checkpoint_every < 1:
         raise ValueError(
             f"steps={steps}, batch_size={batch_size}, checkpoint_every={checkpoint_every}: "
@@ -238,6 +262,7 @@ def train_clip(
         "lr": lr,
         "weight_decay": weight_decay,
         "tokenizer_seed": tokenizer_seed,
+        "colourless": colourless,
         "vision_config": dataclasses.asdict(vision),
         "text_config": dataclasses.asdict(text),
     }
@@ -262,7 +287,7 @@ def train_clip(
 
     bar = tqdm(total=steps, initial=start, desc="clip", disable=not progress, dynamic_ncols=True)
     for step in range(start, steps):
-        images, texts = sample_batch(_batch_rng(seed, step), batch_size, image_size)
+        images, texts = sample_batch(_batch_rng(seed, step), batch_size, image_size, colourless=colourless)
         out = model(
             input_ids=tokenize(tokenizer, texts).to(device),
             pixel_values=pixels(images).to(device),

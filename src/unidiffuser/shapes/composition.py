@@ -19,6 +19,10 @@ replaced by the mean embedding of seen scenes, which tells no scene from another
 caption the network can read from the autoencoder latent alone.
 
     python -m unidiffuser.shapes.composition [--model DIR]     (the shipped model by default)
+    python -m unidiffuser.shapes.composition --image-encoder DIR   (the probe of one CLIP image tower)
+
+The second form probes a CLIP image tower on its own (``recipe shapes --stage clip`` writes one to
+``OUT/clip/image_encoder``), before any U-ViT is trained on it.
 """
 
 from __future__ import annotations
@@ -131,6 +135,20 @@ def representations(pipe, batch_size: int = 256) -> dict[str, Embed]:
         "CLIP image embedding": batched(image("clip_img")),
         "autoencoder latent": batched(image("img")),
     }
+
+
+def image_embedding(encoder, batch_size: int = 256) -> Embed:
+    """A ``ClipImageEmbedder``'s embedding of each scene's render, as a ``shape_probe`` embedding."""
+    size = encoder.image_size
+
+    def embed(scenes: Sequence[Scene]) -> Tensor:
+        with torch.no_grad():
+            return torch.cat(
+                [encoder([render(s, size) for s in scenes[i : i + batch_size]]).float().cpu()
+                 for i in range(0, len(scenes), batch_size)]
+            )  # fmt: skip
+
+    return embed
 
 
 def _edit(scene: Scene, **attributes: str) -> Scene:
@@ -255,7 +273,25 @@ def main(argv: list[str] | None = None) -> int:
         "--samples", type=positive_int, default=96, help="held-out renders captioned per CLIP donor"
     )
     parser.add_argument("--steps", type=positive_int, default=20, help="solver steps per caption")
+    parser.add_argument(
+        "--image-encoder", default=None, metavar="DIR",
+        help="only the shape probe of this CLIP image tower (a folder such as OUT/clip/image_encoder)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.image_encoder is not None:
+        from ..components.clip import ClipImageEmbedder
+
+        if args.model is not None:
+            parser.error("--image-encoder probes one tower on its own; leave out --model")
+        try:
+            encoder = ClipImageEmbedder.from_pretrained_dir(args.image_encoder)
+        except (ValueError, FileNotFoundError) as err:
+            raise SystemExit(f"{parser.prog}: --image-encoder {args.image_encoder}: {err}") from None
+        scores = shape_probe(image_embedding(encoder.float()))
+        print(f"| CLIP image tower | shape probe ({', '.join(COMPLETE_COLOURS)} scenes) on the other colours' "
+              "seen pairs | on the held-out pairs |\n|---|---|---|")  # fmt: skip
+        print(f"| {args.image_encoder} | " + " | ".join(f"{v:.3f}" for v in scores.values()) + " |")
+        return 0
     try:
         pipe = UniDiffuser.from_pretrained(args.model or shipped_model_dir())
     except (ValueError, FileNotFoundError) as err:

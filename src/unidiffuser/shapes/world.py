@@ -17,6 +17,7 @@ composition. Everything here is a pure function of its arguments; the caches onl
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -340,17 +341,26 @@ def background_array(background: str, image_size: int) -> np.ndarray:
     return out
 
 
-def render_array(scene: Scene, size: int = 32) -> np.ndarray:
-    """The scene as a (size, size, 3) uint8 array; see ``render``."""
+def render_array(
+    scene: Scene, size: int = 32, *, rgb: Sequence[tuple[int, int, int]] | None = None
+) -> np.ndarray:
+    """The scene as a (size, size, 3) uint8 array; see ``render``.
+
+    ``rgb`` paints the objects in these colours (one per object, in order) instead of their
+    palette colours: a picture outside the world, for training encoders (``clip_training``).
+    """
     if not isinstance(scene, Scene):
         raise TypeError(f"scene={scene!r}: expected a Scene")
     if not scene.complete:
         raise ValueError(f"{scene}: rendering needs the background and every object's cell")
+    paints = [COLOURS[o.colour] for o in scene.objects] if rgb is None else list(rgb)
+    if len(paints) != len(scene.objects):
+        raise ValueError(f"rgb: {len(paints)} colours for {len(scene.objects)} objects; give one per object")
     out = background_array(scene.background, size).copy()
-    for o in scene.objects:
+    for o, paint in zip(scene.objects, paints, strict=True):
         r = object_radius(o.size, size)
         cy, cx = cell_centre(o.y, size), cell_centre(o.x, size)
-        out[cy - r : cy + r + 1, cx - r : cx + r + 1][shape_mask(o.shape, o.size, size)] = COLOURS[o.colour]
+        out[cy - r : cy + r + 1, cx - r : cx + r + 1][shape_mask(o.shape, o.size, size)] = paint
     return out
 
 

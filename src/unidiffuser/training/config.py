@@ -92,6 +92,7 @@ class TrainConfig:
     sample_images: tuple[str, ...] = ()
     sample_steps: int = 20
     num_workers: int = 0
+    data_in_memory: bool = False
     distributed: str = "ddp"
 
     def __post_init__(self) -> None:
@@ -111,6 +112,20 @@ class TrainConfig:
                 "set it to at most steps",
             )
         _check_optimizer(self, recipe="0.03 (the recipe)", betas="[0.9, 0.9]")
+        if self.data_in_memory and self.data == "toy":
+            _fail(
+                "data_in_memory",
+                True,
+                "reads feature shards, and the toy world is drawn as it goes",
+                "leave it false",
+            )
+        if self.data_in_memory and self.num_workers:
+            _fail(
+                "num_workers",
+                self.num_workers,
+                "reads ahead from the files, and data_in_memory = true reads none",
+                "set num_workers = 0",
+            )
         if not 0 <= self.ema_decay < 1:
             _fail("ema_decay", self.ema_decay, "must lie in [0, 1)", "use 0.9999 (the recipe)")
         if self.mixed_precision not in MIXED_PRECISION:
@@ -279,6 +294,9 @@ FIELD_HELP: dict[str, str] = {
     "num_workers": "worker processes per training process that read the data ahead (the same batches "
     "and resume position as without them); 0 reads in the training process. 2-4 keep a GPU fed from "
     "feature shards",
+    "data_in_memory": "read every feature shard into memory at the start and take each batch from there "
+    "at once (the same batches, skips and resume position as reading the files; for data that fits "
+    "in RAM, with num_workers = 0)",
     "distributed": "how several processes share the work: ddp (each holds the whole network, "
     "gradients averaged) or fsdp (weights, gradients, optimizer state and EMA sharded over the "
     "processes, for networks too large for one device; checkpoints stay whole)",

@@ -29,6 +29,11 @@ positions ahead, one chunk of a batch's length each, and the stream takes their 
 position order: the batches, the cursor and the skip counts are exactly those of reading in the
 training process, so a resumed run still equals one without interruption.
 
+In memory. ``FeatureArrays`` reads every shard of a directory once into one tensor per modality
+(kept in its stored dtype) and hands a stream a whole batch as one indexing of those tensors: the
+same order, latents, skips and cursor as reading example by example, without per-example reads or
+worker processes (``train --data-in-memory``, for a dataset that fits in RAM).
+
 Bad data is skipped and counted, never fatal and never silent: shards that cannot be opened or do
 not match the model are left out when the source is opened (``FeatureShards.bad_shards``), and
 examples that cannot be read or hold NaN or infinite values are skipped by the stream
@@ -42,6 +47,7 @@ import collections
 import hashlib
 import itertools
 import json
+import math
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -337,6 +343,147 @@ class FeatureShards:
         return self.offsets[shard] + int(self._rows_cache[rows_key][offset - starts[k]])
 
 
+# Why an example of ``FeatureArrays`` is skipped: its code in ``FeatureArrays.bad`` (0: good).
+BAD_REASONS = ("unreadable", "non_finite")
+MEMORY_SHARE = 0.8  # the most of the machine's available memory a dataset may take in memory
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux's MemAvailable); None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class FeatureArrays:
+    """Every example of a ``FeatureShards`` directory in memory, for batches gathered at once.
+
+    Positions map to examples exactly as in ``FeatureShards`` (the same seeded shard and row
+    orders), and an example that reading would skip is skipped for the same reason: a shard whose
+    file fails when read whole marks all its rows unreadable, a row with a NaN or infinite value is
+    non-finite. So a run reads the same batches in memory as from the files, and resumes either way.
+
+    Args:
+        shards: the opened directory.
+        memory: bytes it may take; None: ``MEMORY_SHARE`` of the available memory (when known).
+
+    Raises:
+        ValueError: the examples would take more than that (saying how much, and what to do).
+    """
+
+    def __init__(self, shards: FeatureShards, memory: int | None = None):
+        self.shards = shards
+        self.size, self.moments, self.bad_shards = shards.size, shards.moments, shards.bad_shards
+        self.names, self.labels = shards.names, shards.labels
+        need = sum(_stored_bytes(meta, self.names) for meta in shards.metas)
+        if memory is None and (available := available_memory()) is not None:
+            memory = int(MEMORY_SHARE * available)
+        if memory is not None and need > memory:
+            raise ValueError(
+                f"data = {str(shards.root)!r}: its {shards.size:,} examples take {need / 2**30:.1f} GiB "
+                f"in memory, more than the {memory / 2**30:.1f} GiB this machine can spare; read them from "
+                "the files instead (data_in_memory = false, with num_workers = 2-4 to read ahead)"
+            )
+        parts: dict[str, list[Tensor]] = {name: [] for name in self.names}
+        bad: list[Tensor] = []
+        for path, meta in zip(shards.paths, shards.metas, strict=True):
+            values, codes = _read_shard(path, meta, self.names, self.labels)
+            for name in self.names:
+                parts[name].append(values[name])
+            bad.append(codes)
+        self.values = {name: torch.cat(parts[name]) for name in self.names}
+        self.bad = torch.cat(bad)  # (size,) uint8: 0 good, else 1 + the index of its BAD_REASONS
+        self.nbytes = sum(v.numel() * v.element_size() for v in self.values.values())
+        self._orders: collections.OrderedDict[tuple[int, int], Tensor] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return self.size
+
+    def epoch_order(self, seed: int, epoch: int) -> Tensor:
+        """The examples of one epoch in position order: ``FeatureShards.index`` for all of them."""
+        key = (seed, epoch)
+        if key not in self._orders:
+            s = self.shards
+            g = torch.Generator().manual_seed(derive_seed(seed, "shards", epoch))
+            rows = []
+            for shard in torch.randperm(len(s.paths), generator=g).tolist():
+                g = torch.Generator().manual_seed(derive_seed(seed, "rows", epoch, shard))
+                rows.append(s.offsets[shard] + torch.randperm(s.counts[shard], generator=g))
+            self._orders[key] = torch.cat(rows)
+            if len(self._orders) > 2:  # a batch spans at most two epochs
+                self._orders.popitem(last=False)
+        return self._orders[key]
+
+    def indices(self, positions: Tensor, seed: int) -> Tensor:
+        """The examples at these positions of the global order."""
+        epochs, offsets = positions // self.size, positions % self.size
+        out = torch.empty_like(positions)
+        for epoch in epochs.unique().tolist():
+            at = epochs == epoch
+            out[at] = self.epoch_order(seed, epoch)[offsets[at]]
+        return out
+
+    def index(self, position: int, seed: int) -> int:
+        return int(self.indices(torch.tensor([position]), seed)[0])
+
+    def gather(self, indices: Tensor) -> dict[str, Tensor]:
+        """The examples at ``indices`` (good ones), stacked: labels long, the rest float32."""
+        return {
+            name: values[indices] if name in self.labels else values[indices].float()
+            for name, values in self.values.items()
+        }
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        code = int(self.bad[index])
+        if code:
+            raise SkipExample(BAD_REASONS[code - 1], f"example {index}")
+        return {name: value[0] for name, value in self.gather(torch.tensor([index])).items()}
+
+
+def _stored_bytes(meta: Mapping[str, Any], names: Sequence[str]) -> int:
+    per_example = 8 * sum(1 for name in names if name in meta.get("constants", {}))
+    for name in names:
+        info = meta["tensors"].get(name)
+        if info is not None:
+            itemsize = torch.empty((), dtype=getattr(torch, info["dtype"])).element_size()
+            per_example += itemsize * math.prod(info["shape"])
+    return int(meta["count"]) * per_example
+
+
+def _read_shard(
+    path: Path, meta: Mapping[str, Any], names: Sequence[str], labels: set[str]
+) -> tuple[dict[str, Tensor], Tensor]:
+    """One shard's tensors (labels long, the rest as stored) and each row's ``FeatureArrays.bad``
+    code; a shard that cannot be read gives zeros, every row unreadable."""
+    count, constants = int(meta["count"]), meta.get("constants", {})
+    try:
+        values = {}
+        with safe_open(str(path), "pt") as f:
+            for name in names:
+                if name in constants:
+                    values[name] = torch.full((count,), int(constants[name]), dtype=torch.long)
+                else:
+                    value = f.get_tensor(name)
+                    values[name] = value.long() if name in labels else value
+    except Exception:  # as reading it example by example would: every row unreadable
+        shapes = {name: meta["tensors"].get(name, {"shape": [], "dtype": "int64"}) for name in names}
+        values = {
+            name: torch.zeros((count, *info["shape"]), dtype=torch.long if name in labels else getattr(torch, info["dtype"]))
+            for name, info in shapes.items()
+        }  # fmt: skip
+        return values, torch.full((count,), 1 + BAD_REASONS.index("unreadable"), dtype=torch.uint8)
+    finite = torch.ones(count, dtype=torch.bool)
+    for name in names:
+        if name not in labels:
+            finite &= torch.isfinite(values[name].float()).flatten(1).all(1)
+    return values, torch.where(finite, 0, 1 + BAD_REASONS.index("non_finite")).to(torch.uint8)
+
+
 # ---------------------------------------------------------------------------------------------
 # The toy world
 
@@ -377,11 +524,13 @@ class ToyExamples:
         return position  # the examples are already independent draws
 
 
-def open_source(data: str, config: UViTConfig, seed: int) -> ExampleSource:
-    """The source named by a TrainConfig's ``data``: "toy" or a feature-shard directory."""
+def open_source(data: str, config: UViTConfig, seed: int, in_memory: bool = False) -> ExampleSource:
+    """The source named by a TrainConfig's ``data``: "toy" or a feature-shard directory, read from
+    the files or (``in_memory``) all at once into memory."""
     if data == "toy":
         return ToyExamples(config, seed)
-    return FeatureShards(data, config)
+    shards = FeatureShards(data, config)
+    return FeatureArrays(shards) if in_memory else shards
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,6 +549,9 @@ class DataStream:
         max_misses: give up after this many bad examples in a row (a source of bad data only).
         num_workers: worker processes that read ahead; 0 reads in this process. The batches are
             the same either way.
+        latent_device: where the latents are drawn from their posterior moments (the training
+            device: a GPU draws them faster than the CPU). Each device draws its own noise from the
+            same seeds, so a batch's latents differ between devices and repeat on one.
     """
 
     def __init__(
@@ -412,11 +564,16 @@ class DataStream:
         world_size: int = 1,
         max_misses: int = 10_000,
         num_workers: int = 0,
+        latent_device: torch.device | str = "cpu",
     ):
         if batch_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"batch_size={batch_size} must be >= 1 and rank={rank} in [0, {world_size})")
         if num_workers < 0:
             raise ValueError(f"num_workers={num_workers}: must be >= 0 (0 reads in this process)")
+        if num_workers and isinstance(source, FeatureArrays):
+            raise ValueError(
+                f"num_workers={num_workers}: the data is in memory, there is nothing to read ahead; use 0"
+            )
         self.source = source
         self.batch_size = batch_size
         self.seed = seed
@@ -424,6 +581,7 @@ class DataStream:
         self.world_size = world_size
         self.max_misses = max_misses
         self.num_workers = num_workers
+        self.latent_device = torch.device(latent_device)
         self._cursor = 0  # positions of this process's share consumed so far
         self._ahead: ReadAhead | None = None
         self.skipped: collections.Counter[str] = collections.Counter()
@@ -444,14 +602,20 @@ class DataStream:
         return self.next_batch()
 
     def next_batch(self) -> dict[str, Tensor]:
-        """The next batch: labels (B,) long, others (B, ...) float32, moments already sampled."""
+        """The next batch: labels (B,) long, others (B, ...) float32 on the CPU, moments already
+        sampled (the latents on ``latent_device``)."""
         start = self._cursor
-        batch = self._whole_chunk()
-        if batch is None:
-            batch = self._gather()
-        g = torch.Generator().manual_seed(derive_seed(self.seed, "latent", self.rank, start))
+        if isinstance(self.source, FeatureArrays):
+            batch = self._gather_in_memory(self.source)
+        else:
+            batch = self._whole_chunk()
+            if batch is None:
+                batch = self._gather()
+        g = torch.Generator(self.latent_device).manual_seed(
+            derive_seed(self.seed, "latent", self.rank, start)
+        )
         for name, scale in self.source.moments.items():
-            batch[name] = sample_latent(batch[name], g, scale)
+            batch[name] = sample_latent(batch[name].to(self.latent_device, non_blocking=True), g, scale)
         return batch
 
     def _whole_chunk(self) -> dict[str, Tensor] | None:
@@ -483,6 +647,34 @@ class DataStream:
                         f"{misses} bad examples in a row (last: {e}); the data is unusable"
                     ) from e
         return {name: torch.stack([item[name] for item in items]) for name in items[0]}
+
+    def _gather_in_memory(self, source: FeatureArrays) -> dict[str, Tensor]:
+        """``_gather`` for examples in memory: the same batch, cursor and skips, taken at once.
+
+        Each pass looks at as many positions as examples are still missing, so it never reads past
+        the last one the batch takes, as ``_gather`` would not."""
+        taken, misses = [], 0
+        missing = self.batch_size
+        while missing:
+            cursors = torch.arange(self._cursor, self._cursor + missing)
+            indices = source.indices(cursors * self.world_size + self.rank, self.seed)
+            codes = source.bad[indices]
+            self._cursor += missing
+            if codes.any():
+                for code in codes.tolist():
+                    misses = misses + 1 if code else 0
+                    if code:
+                        self.skipped[BAD_REASONS[code - 1]] += 1
+                    if misses >= self.max_misses:
+                        raise RuntimeError(
+                            f"{misses} bad examples in a row (last: {BAD_REASONS[code - 1]}); the data is unusable"
+                        )
+                indices = indices[codes == 0]
+            else:
+                misses = 0
+            taken.append(indices)
+            missing -= len(indices)
+        return source.gather(torch.cat(taken))
 
     def _example(self, cursor: int) -> dict[str, Tensor]:
         """The example at one cursor of this process's share (raises SkipExample)."""

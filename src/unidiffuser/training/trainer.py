@@ -561,11 +561,22 @@ def train(config: TrainConfig) -> TrainResult:
         shard_network(model, device, config.mixed_precision)
         shard_network(ema, device)
     optimizer, scheduler = build_optimizer(model, config, accelerator.device)
-    source = open_source(config.data, model_config, config.seed)
+    began = time.perf_counter()
+    source = open_source(config.data, model_config, config.seed, in_memory=config.data_in_memory)
     for path, reason in source.bad_shards:
         log.note(f"skipping shard {Path(path).name}: {reason}")
+    if config.data_in_memory:
+        log.note(
+            f"data in memory: {source.nbytes / 2**20:,.0f} MiB read in {time.perf_counter() - began:.1f} s"
+        )
     stream = DataStream(
-        source, micro, seed=config.seed, rank=rank, world_size=world, num_workers=config.num_workers
+        source,
+        micro,
+        seed=config.seed,
+        rank=rank,
+        world_size=world,
+        num_workers=config.num_workers,
+        latent_device=device,
     )
 
     if sharded:  # FSDP does what accelerate's DDP wrapper would; autocast is LossView's
