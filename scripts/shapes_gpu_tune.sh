@@ -23,7 +23,10 @@
 # elsewhere), COMPILE (1:
 # torch.compile the network for training; default 0), INIT (a model directory whose network the
 # tune starts from, e.g. the shipped one with an earlier run's network.safetensors copied in: a
-# run longer than one lease, lease by lease; default the shipped model), WORK (a temporary
+# run longer than one lease, lease by lease; `scratch`: an untrained U-ViT from the seed; default
+# the shipped model), FROZEN_FROM (the model folder whose tokenizers, CLIP, autoencoder and
+# caption decoder make the features, for instance a recipe's OUT/components trained with
+# `--set clip_colourless=0.5`; default shipped), WORK (a temporary
 # folder; scenes, features and the run already there are reused and resumed). On one H100
 # (2026-11-27) a budget of 420 s gave 94 s of rendering and extraction, the probe, and 1300 steps
 # at about 2,900 samples a second, with 4 workers reading the files (the in-memory default is newer
@@ -80,12 +83,15 @@ tune_command() { # tune_command STEPS DECAY: sets run_args to the tune stage's l
 }
 
 shipped=$(python3 -c "from unidiffuser.shipped import shipped_model_dir; print(shipped_model_dir())") || exit
+frozen=${FROZEN_FROM:-shipped}
 init=${INIT:-$shipped}
-[[ -f $init/network.safetensors ]] || { echo "INIT=$init: no network.safetensors there" >&2; exit 2; }
+[[ $init == scratch ]] && init=$work/shapes/components # the recipe's untrained U-ViT, from the seed
+[[ $init == "$work/shapes/components" || -f $init/network.safetensors ]] ||
+    { echo "INIT=$init: no network.safetensors there" >&2; exit 2; }
 compile_flag=()
 [[ ${COMPILE:-0} == 1 ]] && compile_flag=(--compile)
 # the recipe's run folder (its options must stay the same from call to call)
-recipe=("${ud[@]}" recipe shapes --out "$work/shapes" --frozen-from shipped --device "$device" --set "examples=$examples")
+recipe=("${ud[@]}" recipe shapes --out "$work/shapes" --frozen-from "$frozen" --device "$device" --set "examples=$examples")
 step prepare "${recipe[@]}" --stage components --stage data --stage features || exit
 
 # The rate: the second half of the probe's steps, past start-up and the first allocations.
@@ -105,7 +111,7 @@ echo "probe: $rate steps/s; $left s left for training: to step $steps" | tee -a 
 tune_command "$steps" "$(((steps - probe_steps) / 5))"
 step tune timeout --signal=TERM --kill-after=10 "$(seconds_left $((eval_reserve / 2)))" "${run_args[@]}"
 cp "$work/shapes/tune/log.jsonl" "$out/log.jsonl"
-rm -rf "$work/shapes/model" # the recipe's model stage: the tune's newest EMA with the shipped components
+rm -rf "$work/shapes/model" # the recipe's model stage: the tune's newest EMA with the components
 step save "${recipe[@]}" --stage model || exit
 step convert "${ud[@]}" convert "$work/shapes/model" "$work/model-fp16" --dtype fp16 &&
     cp "$work/model-fp16/network.safetensors" "$out/network.safetensors"

@@ -10,6 +10,7 @@ from unidiffuser.shapes.composition import (
     clip_blind,
     clip_swap,
     main,
+    reader_probe,
     representations,
     shape_probe,
 )
@@ -64,6 +65,20 @@ def test_shape_probe_tells_a_held_out_pair_written_as_a_seen_one():
 
     scores = shape_probe(code(seen_like), train=400, test=200)
     assert scores["other colours, seen pairs"] > 0.95 and scores["held-out pairs"] < 0.05
+
+
+def test_reader_probe_reads_a_code_that_holds_no_colour_to_rule_a_shape_out():
+    shape_only = code(lambda shape, colour: one_hot(SHAPES.index(shape), len(SHAPES)))
+    scores = reader_probe(shape_only, train=1000, test=300, steps=300, readers=2)
+    assert scores["held-out shape"] > 0.95 and len(scores["readers"]) == 2
+    assert scores["held-out colour"] < 0.5  # nothing to read it from: about chance, 1/5 here
+
+
+def test_reader_probe_fails_a_code_that_writes_each_pair_its_own_way():
+    vectors = torch.randn(len(SHAPES), len(COLOURS), 32, generator=torch.Generator().manual_seed(1))
+    pair_code = code(lambda shape, colour: vectors[SHAPES.index(shape), list(COLOURS).index(colour)])
+    scores = reader_probe(pair_code, train=1000, test=300, steps=300, readers=2)
+    assert scores["held-out shape"] < 0.6
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +156,11 @@ def test_command_probes_one_image_tower_on_its_own(pipe, capsys):
     # the same figures as the probe of the pipeline's own CLIP embedding
     expected = shape_probe(representations(pipe)["CLIP image embedding"])
     assert cells[0] == folder
-    assert [float(c) for c in cells[1:]] == pytest.approx(list(expected.values()), abs=0.0015)
+    assert [float(c) for c in cells[1:3]] == pytest.approx(list(expected.values()), abs=0.0015)
+    mean, each = cells[3].split(" ", 1)
+    readers = [float(v) for v in each.strip("()").split(", ")]
+    assert len(readers) == 3 and float(mean) == pytest.approx(sum(readers) / 3, abs=0.0015)
+    assert 0.0 <= float(mean) <= 1.0 and float(cells[4]) > 0.9  # colours are read, held-out or not
 
 
 def test_command_refuses_a_model_beside_an_image_tower(tmp_path, capsys):

@@ -96,6 +96,19 @@ def test_the_tune_stage_weighs_the_image_then_the_text_too(tmp_path, steps, weig
     assert all(c.output_dir == str(tmp_path / "tune") and c.resume and c.decay_steps == 4 for c in configs)
 
 
+def test_the_uvit_runs_read_their_features_into_memory_when_they_fit(tmp_path, monkeypatch):
+    import torch
+
+    import unidiffuser.training.data as data
+
+    features = tmp_path / "features"
+    data.write_feature_shard(features / "a.safetensors", {"clip_img": torch.zeros(1000, 256)})  # 1 MB
+    monkeypatch.setattr(data, "available_memory", lambda: 10**8)
+    assert all(c.data_in_memory for c in tune_configs(tmp_path, Recipe.full()))
+    monkeypatch.setattr(data, "available_memory", lambda: 10**6)  # 80% of it: less than the shard
+    assert not any(c.data_in_memory for c in tune_configs(tmp_path, Recipe.full()))
+
+
 def test_the_data_stage_writes_the_same_pairs_in_parallel_and_resumes(tmp_path, monkeypatch):
     recipe = Recipe.smoke(examples=24)
     alone, parallel = tmp_path / "alone", tmp_path / "parallel"

@@ -9,6 +9,10 @@ is fitted on the two colours shown with every shape (where the colour cannot rul
 tested on the other colours' seen pairs and on the held-out pairs. A representation that writes a
 held-out pair as some seen pair passes the first test and fails the second.
 
+``reader_probe``: how well a nonlinear reader trained on the seen pairs of every colour names a
+held-out pair's shape from one representation: whether a representation that holds the shape
+also gets it read by a learner that, like the U-ViT, sees the seen pairs only.
+
 ``clip_swap``: image-to-text on held-out one-object renders, with the CLIP image embedding the
 U-ViT is given replaced by that of an edited scene (the same shape in a seen colour, or the same
 colour with a seen shape). The captions' shapes and colours then say which of the two inputs, the
@@ -19,7 +23,7 @@ replaced by the mean embedding of seen scenes, which tells no scene from another
 caption the network can read from the autoencoder latent alone.
 
     python -m unidiffuser.shapes.composition [--model DIR]     (the shipped model by default)
-    python -m unidiffuser.shapes.composition --image-encoder DIR   (the probe of one CLIP image tower)
+    python -m unidiffuser.shapes.composition --image-encoder DIR   (the probes of one CLIP image tower)
 
 The second form probes a CLIP image tower on its own (``recipe shapes --stage clip`` writes one to
 ``OUT/clip/image_encoder``), before any U-ViT is trained on it.
@@ -103,6 +107,59 @@ def shape_probe(embed: Embed, *, train: int = 2000, test: int = 600, seed: int =
             guess = probe((embed(scenes).float().flatten(1) - mean) / scale).argmax(1)
         scores[name] = float((guess == _shapes(scenes)).float().mean())
     return scores
+
+
+def reader_probe(
+    embed: Embed, *, train: int = 6000, test: int = 1000, seed: int = 0, steps: int = 1500, readers: int = 3
+) -> dict:
+    """The held-out shape as a nonlinear reader trained on seen pairs names it.
+
+    ``shape_probe`` asks whether a representation holds a held-out pair's shape; this asks whether
+    a reader that learns from the seen pairs alone, as the U-ViT does, reads it out. Small MLPs
+    (two hidden layers of 256, GELU; AdamW, batches of 256) learn shape and colour from the
+    embeddings of ``train`` one-object scenes of every seen pair and name those of ``test``
+    held-out scenes. A reader may learn that a colour rules a shape out, which every seen pair
+    bears out and every held-out one defeats.
+
+    Returns:
+        {"held-out shape": mean over the readers, "held-out colour": mean, "readers": [each
+        reader's held-out shape accuracy]}.
+    """
+    fit, held = _one_object("train", train, seed + 11), _one_object("heldout", test, seed + 12)
+    x, y = embed(fit).float().flatten(1), embed(held).float().flatten(1)
+    mean, scale = x.mean(0), x.std(0) + 1e-6
+    x, y = (x - mean) / scale, (y - mean) / scale
+    colours = list(COLOURS)
+    shape_x, colour_x = _shapes(fit), torch.tensor([colours.index(s.objects[0].colour) for s in fit])
+    shape_y, colour_y = _shapes(held), torch.tensor([colours.index(s.objects[0].colour) for s in held])
+    shapes, colour_scores = [], []
+    for k in range(readers):
+        generator = torch.Generator().manual_seed(seed * 1000 + k)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed * 1000 + k)
+            reader = torch.nn.Sequential(
+                torch.nn.Linear(x.shape[1], 256), torch.nn.GELU(), torch.nn.Linear(256, 256), torch.nn.GELU(),
+                torch.nn.Linear(256, len(SHAPES) + len(colours)),
+            )  # fmt: skip
+        optimizer = torch.optim.AdamW(reader.parameters(), lr=3e-3, weight_decay=1e-2)
+        with torch.enable_grad():
+            for _ in range(steps):
+                i = torch.randint(len(x), (256,), generator=generator)
+                out = reader(x[i])
+                loss = torch.nn.functional.cross_entropy(out[:, : len(SHAPES)], shape_x[i])
+                loss = loss + torch.nn.functional.cross_entropy(out[:, len(SHAPES) :], colour_x[i])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        with torch.no_grad():
+            out = reader(y)
+        shapes.append(float((out[:, : len(SHAPES)].argmax(1) == shape_y).float().mean()))
+        colour_scores.append(float((out[:, len(SHAPES) :].argmax(1) == colour_y).float().mean()))
+    return {
+        "held-out shape": float(np.mean(shapes)),
+        "held-out colour": float(np.mean(colour_scores)),
+        "readers": shapes,
+    }
 
 
 def _shapes(scenes: Sequence[Scene]) -> Tensor:
@@ -244,13 +301,25 @@ def _share_stating(said: Sequence[Object | None], source: Sequence[Scene], attri
                           for o, s in zip(said, source, strict=True)]))  # fmt: skip
 
 
+_PROBE_HEADER = (
+    "| {what} | shape probe ({colours} scenes) on the other colours' seen pairs | on the held-out pairs | "
+    "readers trained on seen pairs: held-out shape (each reader) | held-out colour |\n|---|---|---|---|---|"
+)
+
+
+def _probe_row(name: str, embed: Embed) -> str:
+    """One row under ``_PROBE_HEADER``: ``shape_probe`` and ``reader_probe`` of ``embed``."""
+    scores, read = shape_probe(embed), reader_probe(embed)
+    each = ", ".join(f"{v:.3f}" for v in read["readers"])
+    cells = [f"{v:.3f}" for v in scores.values()] + [f"{read['held-out shape']:.3f} ({each})"]
+    return f"| {name} | " + " | ".join(cells) + f" | {read['held-out colour']:.3f} |"
+
+
 def report(pipe, *, samples: int = 96, steps: int = 20, log: Callable[[str], None] = print) -> None:
     """The three measurements as three Markdown tables."""
-    log(f"| representation | shape probe ({', '.join(COMPLETE_COLOURS)} scenes) on the other colours' seen "
-        "pairs | on the held-out pairs |\n|---|---|---|")  # fmt: skip
+    log(_PROBE_HEADER.format(what="representation", colours=", ".join(COMPLETE_COLOURS)))
     for name, embed in representations(pipe).items():
-        scores = shape_probe(embed)
-        log(f"| {name} | " + " | ".join(f"{v:.3f}" for v in scores.values()) + " |")
+        log(_probe_row(name, embed))
     log(f"\n| CLIP embedding given (held-out renders, {samples} captions) | shape as rendered | shape as "
         "the CLIP donor | colour as rendered | colour as the CLIP donor |\n|---|---|---|---|---|")  # fmt: skip
     for name, shares in clip_swap(pipe, samples=samples, steps=steps).items():
@@ -287,10 +356,8 @@ def main(argv: list[str] | None = None) -> int:
             encoder = ClipImageEmbedder.from_pretrained_dir(args.image_encoder)
         except (ValueError, FileNotFoundError) as err:
             raise SystemExit(f"{parser.prog}: --image-encoder {args.image_encoder}: {err}") from None
-        scores = shape_probe(image_embedding(encoder.float()))
-        print(f"| CLIP image tower | shape probe ({', '.join(COMPLETE_COLOURS)} scenes) on the other colours' "
-              "seen pairs | on the held-out pairs |\n|---|---|---|")  # fmt: skip
-        print(f"| {args.image_encoder} | " + " | ".join(f"{v:.3f}" for v in scores.values()) + " |")
+        print(_PROBE_HEADER.format(what="CLIP image tower", colours=", ".join(COMPLETE_COLOURS)), flush=True)
+        print(_probe_row(args.image_encoder, image_embedding(encoder.float())))
         return 0
     try:
         pipe = UniDiffuser.from_pretrained(args.model or shipped_model_dir())

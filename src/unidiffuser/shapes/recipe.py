@@ -608,9 +608,14 @@ def _features(out: Path, recipe: Recipe) -> None:
 
 
 def _train_config(out: Path, recipe: Recipe, stage: str, **fields: Any) -> TrainConfig:
-    """A U-ViT training run of the recipe into ``out/stage``, on ``out/features``, resumable."""
+    """A U-ViT training run of the recipe into ``out/stage``, on ``out/features``, resumable; the
+    features are read into memory when they fit (the same batches as from the files, at less cost
+    a step)."""
+    from ..training.data import fits_in_memory
+
     common = dict(
         data=str(out / "features"),
+        data_in_memory=fits_in_memory(out / "features"),
         output_dir=str(out / stage),
         batch_size=recipe.uvit_batch,
         ema_decay=recipe.ema_decay,

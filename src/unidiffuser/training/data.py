@@ -360,6 +360,22 @@ def available_memory() -> int | None:
     return None
 
 
+def fits_in_memory(root: str | Path) -> bool:
+    """Whether every feature shard of ``root`` would fit in ``MEMORY_SHARE`` of the available memory
+    (all their tensors, as stored); True where the available memory is unknown."""
+    available = available_memory()
+    if available is None:
+        return True
+    need = 0
+    for path in Path(root).glob("*.safetensors"):
+        try:
+            meta = read_shard_metadata(path)
+        except Exception:  # left out when the source opens it
+            continue
+        need += _stored_bytes(meta, list(meta["tensors"]))
+    return need <= MEMORY_SHARE * available
+
+
 class FeatureArrays:
     """Every example of a ``FeatureShards`` directory in memory, for batches gathered at once.
 
