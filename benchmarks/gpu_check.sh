@@ -27,6 +27,8 @@
 #              (inductor's settings are global): by default the fp8 products' fast accumulation,
 #              inductor's multi-kernel reductions (persistent norms over the 1536 columns, chosen by
 #              timing) and its coordinate-descent tuning of generated kernels. About 90 s each.
+#   data       benchmarks/data.py: a training batch of the shapes model's features read from the
+#              files in the training process, by 4 workers, and from memory, latents drawn on the GPU
 #
 # STEPS="fp8 sampling tests" runs those steps alone, in that order (default: all, in the order
 # above): on a short lease, put first what is missing (STEPS=joint: the joint target's leads).
@@ -119,13 +121,14 @@ run_step() {  # run_step NAME: one of the steps listed at the top
         done
         ;;
     train) step train 200 python3 benchmarks/train.py --device "$device" --steps 5 --warmup 2 --rows "${rows[@]}" ;;
+    data) step data 120 python3 benchmarks/data.py --device "$device" --workers 4 ;;
     *)
-        echo "unknown step '$1': expected some of tests sampling variants fp8 parts train joint" | tee -a "$out/summary.txt"
+        echo "unknown step '$1': expected some of tests sampling variants fp8 parts train joint data" | tee -a "$out/summary.txt"
         ;;
     esac
 }
 
-for name in ${STEPS:-tests sampling variants fp8 parts train joint}; do
+for name in ${STEPS:-tests sampling variants fp8 parts train joint data}; do
     run_step "$name"
 done
 echo "== summary"
