@@ -296,7 +296,7 @@ FIELD_HELP: dict[str, str] = {
     "feature shards",
     "data_in_memory": "read every feature shard into memory at the start and take each batch from there "
     "at once (the same batches, skips and resume position as reading the files; for data that fits "
-    "in RAM, with num_workers = 0)",
+    "in RAM, with num_workers = 0; each training process holds its own copy)",
     "distributed": "how several processes share the work: ddp (each holds the whole network, "
     "gradients averaged) or fsdp (weights, gradients, optimizer state and EMA sharded over the "
     "processes, for networks too large for one device; checkpoints stay whole)",

@@ -431,7 +431,7 @@ class FeatureArrays:
                 g = torch.Generator().manual_seed(derive_seed(seed, "rows", epoch, shard))
                 rows.append(s.offsets[shard] + torch.randperm(s.counts[shard], generator=g))
             self._orders[key] = torch.cat(rows)
-            if len(self._orders) > 2:  # a batch spans at most two epochs
+            if len(self._orders) > 2:  # a batch spans two epochs at most, unless the data is tiny
                 self._orders.popitem(last=False)
         return self._orders[key]
 
