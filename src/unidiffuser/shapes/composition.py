@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=positive_int, default=20, help="solver steps per caption")
     parser.add_argument(
         "--image-encoder", default=None, metavar="DIR",
-        help="only the shape probe of this CLIP image tower (a folder such as OUT/clip/image_encoder)",
+        help="only the shape probe and the readers of this CLIP image tower (a folder such as OUT/clip/image_encoder)",
     )  # fmt: skip
     args = parser.parse_args(argv)
     if args.image_encoder is not None:
