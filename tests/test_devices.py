@@ -112,3 +112,27 @@ def test_pipeline_on_cuda_matches_cpu():
     d = gpu.image_to_text(a.images[0], steps=5, return_latents=True)
     assert rel(d.latents["text"], c.latents["text"]) < 1e-3
     assert len(d.texts) == 1
+
+
+def test_training_batches_draw_their_latents_on_the_gpu(tmp_path):
+    """In memory or from the files, a stream with latent_device="cuda" hands out the same examples
+    as on the CPU, its latents drawn on the GPU: repeatable there, other numbers than the CPU's."""
+    from unidiffuser.network import image_text_config
+    from unidiffuser.training.data import DataStream, FeatureArrays, FeatureShards, write_feature_shard
+
+    config = image_text_config(
+        latent=(4, 4, 4), clip_dim=8, text=(4, 8), width=32, depth=2, num_heads=2, data_type=True
+    )
+    g = torch.Generator().manual_seed(0)
+    tensors = {"img": torch.randn(12, 8, 4, 4, generator=g), "clip_img": torch.randn(12, 8, generator=g),
+               "text": torch.randn(12, 4, 8, generator=g)}  # fmt: skip
+    write_feature_shard(
+        tmp_path / "a.safetensors", tensors, {"moments": ["img"], "constants": {"data_type": 0}}
+    )
+    files = FeatureShards(tmp_path, config)
+    cpu = DataStream(files, 4, seed=0).next_batch()
+    for source in (files, FeatureArrays(FeatureShards(tmp_path, config))):
+        a, b = (DataStream(source, 4, seed=0, latent_device="cuda").next_batch() for _ in range(2))
+        assert a["img"].device.type == "cuda" and a["clip_img"].device.type == "cpu"
+        assert torch.equal(a["img"], b["img"]) and torch.equal(a["clip_img"], cpu["clip_img"])
+        assert not torch.equal(a["img"].cpu(), cpu["img"])
