@@ -320,13 +320,22 @@ class FeatureShards:
                 raise SkipExample("non_finite", f"{self.paths[shard].name} row {row}: {name}")
         return out
 
+    def shard_order(self, seed: int, epoch: int) -> list[int]:
+        """The shards of one epoch, in their seeded order."""
+        g = torch.Generator().manual_seed(derive_seed(seed, "shards", epoch))
+        return torch.randperm(len(self.paths), generator=g).tolist()
+
+    def row_order(self, seed: int, epoch: int, shard: int) -> Tensor:
+        """The rows of one shard in one epoch, in their seeded order."""
+        g = torch.Generator().manual_seed(derive_seed(seed, "rows", epoch, shard))
+        return torch.randperm(self.counts[shard], generator=g)
+
     def index(self, position: int, seed: int) -> int:
         """Shards in a seeded order per epoch, rows in a seeded order per shard and epoch."""
         epoch, offset = divmod(position, self.size)
         key = (seed, epoch)
         if self._epoch_cache is None or self._epoch_cache[0] != key:
-            g = torch.Generator().manual_seed(derive_seed(seed, "shards", epoch))
-            order = torch.randperm(len(self.paths), generator=g).tolist()
+            order = self.shard_order(seed, epoch)
             starts = [0]
             for s in order:
                 starts.append(starts[-1] + self.counts[s])
@@ -336,8 +345,7 @@ class FeatureShards:
         shard = order[k]
         rows_key = (seed, epoch, shard)
         if rows_key not in self._rows_cache:
-            g = torch.Generator().manual_seed(derive_seed(seed, "rows", epoch, shard))
-            self._rows_cache[rows_key] = torch.randperm(self.counts[shard], generator=g)
+            self._rows_cache[rows_key] = self.row_order(seed, epoch, shard)
             if len(self._rows_cache) > 8:
                 self._rows_cache.popitem(last=False)
         return self.offsets[shard] + int(self._rows_cache[rows_key][offset - starts[k]])
@@ -425,11 +433,9 @@ class FeatureArrays:
         key = (seed, epoch)
         if key not in self._orders:
             s = self.shards
-            g = torch.Generator().manual_seed(derive_seed(seed, "shards", epoch))
-            rows = []
-            for shard in torch.randperm(len(s.paths), generator=g).tolist():
-                g = torch.Generator().manual_seed(derive_seed(seed, "rows", epoch, shard))
-                rows.append(s.offsets[shard] + torch.randperm(s.counts[shard], generator=g))
+            rows = [
+                s.offsets[shard] + s.row_order(seed, epoch, shard) for shard in s.shard_order(seed, epoch)
+            ]
             self._orders[key] = torch.cat(rows)
             if len(self._orders) > 2:  # a batch spans two epochs at most, unless the data is tiny
                 self._orders.popitem(last=False)
