@@ -368,11 +368,17 @@ def available_memory() -> int | None:
     return None
 
 
-def fits_in_memory(root: str | Path) -> bool:
-    """Whether every feature shard of ``root`` would fit in ``MEMORY_SHARE`` of the available memory
-    (all their tensors, as stored); True where the available memory is unknown."""
+def memory_budget() -> int | None:
+    """Bytes a dataset may take in memory: ``MEMORY_SHARE`` of the available memory (None if unknown)."""
     available = available_memory()
-    if available is None:
+    return None if available is None else int(MEMORY_SHARE * available)
+
+
+def fits_in_memory(root: str | Path) -> bool:
+    """Whether every feature shard of ``root`` would fit in ``memory_budget()`` (all their tensors,
+    as stored); True where the available memory is unknown."""
+    budget = memory_budget()
+    if budget is None:
         return True
     need = 0
     for path in Path(root).glob("*.safetensors"):
@@ -381,7 +387,7 @@ def fits_in_memory(root: str | Path) -> bool:
         except Exception:  # left out when the source opens it
             continue
         need += _stored_bytes(meta, list(meta["tensors"]))
-    return need <= MEMORY_SHARE * available
+    return need <= budget
 
 
 class FeatureArrays:
@@ -394,7 +400,7 @@ class FeatureArrays:
 
     Args:
         shards: the opened directory.
-        memory: bytes it may take; None: ``MEMORY_SHARE`` of the available memory (when known).
+        memory: bytes it may take; None: ``memory_budget()``.
 
     Raises:
         ValueError: the examples would take more than that (saying how much, and what to do).
@@ -405,8 +411,8 @@ class FeatureArrays:
         self.size, self.moments, self.bad_shards = shards.size, shards.moments, shards.bad_shards
         self.names, self.labels = shards.names, shards.labels
         need = sum(_stored_bytes(meta, self.names) for meta in shards.metas)
-        if memory is None and (available := available_memory()) is not None:
-            memory = int(MEMORY_SHARE * available)
+        if memory is None:
+            memory = memory_budget()
         if memory is not None and need > memory:
             raise ValueError(
                 f"data = {str(shards.root)!r}: its {shards.size:,} examples take {need / 2**30:.1f} GiB "
