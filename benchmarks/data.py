@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError as err:
             raise SystemExit(f"--data {root}: {err}") from None
         began = time.perf_counter()
-        memory = FeatureArrays(FeatureShards(root, config))
+        memory = FeatureArrays(files)
         loaded = time.perf_counter() - began
         where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
         print(
