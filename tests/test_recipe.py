@@ -175,7 +175,7 @@ def test_the_hour_preset_is_a_smaller_run_of_the_same_stages(tmp_path):
     assert (hour.image_size, hour.uvit_image_tokens) == (full.image_size, full.uvit_image_tokens)
     # its tune is one run with both loss weights from its first step
     configs = tune_configs(tmp_path, hour)
-    assert [(c.steps, dict(c.loss_weights)) for c in configs] == [(7000, {"img": 10.0, "text": 3.0})]
+    assert [(c.steps, dict(c.loss_weights)) for c in configs] == [(10_000, {"img": 10.0, "text": 3.0})]
     assert Recipe.hour(uvit_steps=9).uvit_steps == 9  # --set still applies on top of a preset
     # the EMA forgets the random start: less than 0.1% of it is left at the end of the uvit stage
     assert hour.ema_decay**hour.uvit_steps < 1e-3
