@@ -144,9 +144,14 @@ def test_the_command_says_what_it_made(smoke_run, capsys):
 
     out, model, _ = smoke_run
     assert main(["recipe", "shapes", "--out", str(out), "--smoke", "--threads", "1", "--stage", "uvit"]) == 0
-    assert capsys.readouterr().out.startswith("stages uvit done (")  # not "wrote": no model was written
+    printed = capsys.readouterr()
+    assert printed.out.startswith("stages uvit done (")  # not "wrote": no model was written
+    assert "unidiffuser eval shapes" not in printed.err
     assert main(["recipe", "shapes", "--out", str(out), "--smoke", "--threads", "1"]) == 0
-    assert capsys.readouterr().out.startswith(f"wrote {model} (")
+    printed = capsys.readouterr()
+    assert printed.out.startswith(f"wrote {model} (")
+    assert f"unidiffuser eval shapes --model {model}" in printed.err  # what to do with the model next
+    assert f"unidiffuser demo --model {model}" in printed.err
 
 
 def test_preset_smoke_is_smoke_and_a_preset_may_not_be_given_twice(smoke_run, capsys):

@@ -45,6 +45,12 @@ def cmd_recipe(args: argparse.Namespace) -> int:
         else f"stages {', '.join(args.stage)} done"
     )
     print(f"{done} ({time.perf_counter() - start:.0f} s this run; stage times in {args.out}/recipe.json)")
+    if done.startswith("wrote"):
+        print(
+            f"next: unidiffuser demo --model {model}  (every mode, a gallery)\n"
+            f"      unidiffuser eval shapes --model {model}  (scored by the world's parsers)",
+            file=sys.stderr,
+        )
     return 0
 
 
