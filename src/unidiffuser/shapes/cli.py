@@ -39,13 +39,10 @@ def cmd_recipe(args: argparse.Namespace) -> int:
         model = run_recipe(args.out, recipe, log=lambda text: print(text, file=sys.stderr), only=args.stage)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"unidiffuser recipe: {err}") from None
-    done = (
-        f"wrote {model}"
-        if not args.stage or "model" in args.stage
-        else f"stages {', '.join(args.stage)} done"
-    )
+    wrote_model = not args.stage or "model" in args.stage
+    done = f"wrote {model}" if wrote_model else f"stages {', '.join(args.stage)} done"
     print(f"{done} ({time.perf_counter() - start:.0f} s this run; stage times in {args.out}/recipe.json)")
-    if done.startswith("wrote"):
+    if wrote_model:
         print(
             f"next: unidiffuser demo --model {model}  (every mode, a gallery)\n"
             f"      unidiffuser eval shapes --model {model}  (scored by the world's parsers)",
