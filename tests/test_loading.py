@@ -75,11 +75,13 @@ def test_our_format_round_trip(pipe, image, tmp_path):
     pipe.save_pretrained(tmp_path / "model")
     assert sorted(p.name for p in (tmp_path / "model").iterdir()) == [
         "autoencoder.safetensors", "caption_decoder.safetensors", "caption_tokenizer", "image_encoder",
-        "network.safetensors", "text_encoder", "unidiffuser.json",
+        "network.safetensors", "scorer", "text_encoder", "unidiffuser.json",
     ]  # fmt: skip
     assert not list(tmp_path.glob(".model.tmp-*"))  # written to a temp dir, then renamed
     again = UniDiffuser.from_pretrained(tmp_path / "model")
     assert_same(fingerprint(pipe, image), fingerprint(again, image))
+    for name, weight in pipe.scorer.model.state_dict().items():
+        assert torch.equal(weight, again.scorer.model.state_dict()[name]), name
     with pytest.raises(FileExistsError, match="exists; choose a new directory"):
         pipe.save_pretrained(tmp_path / "model")
 

@@ -163,3 +163,59 @@ def test_interpolation_end_frames_reconstruct_the_inputs(pipe):
 
     coarse, fine = errors(60), errors(200)
     assert fine < 0.05 and fine < 0.5 * coarse
+
+
+# -- best_of: several candidates per output, the scorer keeps one ---------------------------------
+
+
+def _references(pipe, mode, inputs):
+    """What each mode's candidates are ranked against: (embeddings of the inputs, how to embed an output)."""
+    s = pipe.scorer
+    if mode == "t2i":
+        return s.embed_texts(inputs), lambda out: s.embed_images(out.images)
+    if mode == "t2i2t":
+        return s.embed_texts(inputs), lambda out: s.embed_texts(out.texts)
+    pictures = pipe.pictures(inputs)
+    if mode == "i2t":
+        return s.embed_images(pictures), lambda out: s.embed_texts(out.texts)
+    return s.embed_images(pictures), lambda out: s.embed_images(out.images)  # i2t2i
+
+
+@pytest.mark.parametrize("mode", ["t2i", "i2t", "i2t2i", "t2i2t"])
+def test_best_of_keeps_the_candidate_nearest_its_input(pipe, mode):
+    k, n = 3, 2
+    inputs = ["a red circle", "a blue square"] if mode in ("t2i", "t2i2t") else [picture(), picture(seed=1)]
+    drawn = pipe(mode, **{"prompts" if mode in ("t2i", "t2i2t") else "images": inputs},
+                 num_samples=n * k, steps=3, seed=6, return_latents=True)  # fmt: skip
+    best = pipe(mode, **{"prompts" if mode in ("t2i", "t2i2t") else "images": inputs},
+                num_samples=n, best_of=k, steps=3, seed=6, return_latents=True)  # fmt: skip
+    refs, embed = _references(pipe, mode, inputs)
+    scores = (embed(drawn) * refs.repeat_interleave(n * k, dim=0)).sum(-1).view(len(inputs) * n, k)
+    keep = (torch.arange(len(inputs) * n) * k + scores.argmax(1)).tolist()
+    assert scores.argmax(1).any()  # seed 6 makes some choice other than the first candidate
+    for name, latents in best.latents.items():
+        assert torch.equal(latents, drawn.latents[name][keep]), name
+    assert best.texts == [drawn.texts[i] for i in keep] if drawn.texts else not best.texts
+    assert len(best.images) == (len(keep) if drawn.images else 0)
+
+
+def test_best_of_joint_keeps_the_pair_that_agrees_most(pipe):
+    k = 4
+    drawn = pipe.joint(2 * k, steps=3, seed=2, return_latents=True)
+    best = pipe.joint(2, best_of=k, steps=3, seed=2, return_latents=True)
+    s = pipe.scorer
+    scores = (s.embed_images(drawn.images) * s.embed_texts(drawn.texts)).sum(-1).view(2, k)
+    keep = (torch.arange(2) * k + scores.argmax(1)).tolist()
+    assert best.texts == [drawn.texts[i] for i in keep]
+    assert torch.equal(best.latents["img"], drawn.latents["img"][keep])
+
+
+def test_best_of_needs_a_scorer_and_a_count():
+    bare = tiny_pipeline(seed=0, scorer=False)
+    assert bare.text_to_image("a cat", steps=2).images  # best_of=1 needs none
+    with pytest.raises(ValueError, match=r"best_of=2 ranks candidates with a CLIP scorer.*scorer=DIR"):
+        bare.text_to_image("a cat", steps=2, best_of=2)
+    with pytest.raises(ValueError, match=r"best_of=0: expected an integer >= 1"):
+        bare.joint(1, best_of=0)
+    with pytest.raises(ValueError, match=r"best_of=True"):
+        bare.image_to_text(picture(), best_of=True)

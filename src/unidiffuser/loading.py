@@ -10,6 +10,8 @@ Our format (written by ``save_pipeline``, read by ``load_pipeline``), one direct
     text_encoder/              transformers CLIPTextModel + its tokenizer
     caption_decoder.safetensors  encode/decode prefix + GPT-2 (the tied lm_head stored once)
     caption_tokenizer/         the GPT-2 tokenizer with '<|EOS|>'
+    scorer/                    optional: a whole transformers CLIPModel + its tokenizer, which ranks
+                               the candidates of ``best_of`` sampling (components/scorer.py)
 
 The release files (thu-ml/unidiffuser), in one directory: ``uvit_v1.pth`` or ``uvit_v0.pth``,
 ``autoencoder_kl.pth``, ``caption_decoder.pth``, and three standard folders downloaded beforehand:
@@ -138,16 +140,26 @@ class Components:
 
 
 def load_pipeline(
-    path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    scorer: str | Path | None = None,
 ):
-    """Load a model directory in any supported layout as a ``UniDiffuser`` pipeline."""
+    """Load a model directory in any supported layout as a ``UniDiffuser`` pipeline.
+
+    ``scorer``: a whole CLIP checkpoint's directory for ``best_of`` sampling; None: the model
+    directory's own ``scorer/`` where it has one (only our format does).
+    """
+    from .components.scorer import ClipScorer
     from .pipeline import UniDiffuser
 
     directory = model_directory(path)
     network = directory.network()
     parts = [getattr(directory, name)() for name in COMPONENTS]
+    judge = ClipScorer.from_pretrained_dir(scorer) if scorer is not None else directory.scorer()
     pipe = UniDiffuser(
-        network, *parts, data_type=directory.data_type, guidance_scale=directory.guidance_scale
+        network, *parts, data_type=directory.data_type, guidance_scale=directory.guidance_scale, scorer=judge
     )
     return pipe.to(device=torch.device(device), dtype=dtype)
 
@@ -212,6 +224,10 @@ class ModelDirectory:
     def caption_decoder(self):
         raise NotImplementedError
 
+    def scorer(self):
+        """The directory's own CLIP scorer, or None (the release files and diffusers have none)."""
+        return None
+
 
 # -- our format ---------------------------------------------------------------------------------
 
@@ -266,6 +282,12 @@ class OursDirectory(ModelDirectory):
         config = CaptionDecoderConfig.from_dict(self.meta["caption_decoder"])
         return CaptionDecoder.from_state_dict(weights, config, tokenizer).frozen()
 
+    def scorer(self):
+        from .components.scorer import ClipScorer
+
+        folder = self.path / "scorer"
+        return ClipScorer.from_pretrained_dir(folder) if folder.exists() else None
+
 
 def save_pipeline(pipe, path: str | Path) -> None:
     """Write a pipeline in our format; the directory appears complete or not at all."""
@@ -286,6 +308,8 @@ def save_pipeline(pipe, path: str | Path) -> None:
             str(tmp / "caption_decoder.safetensors"),
         )
         dec.tokenizer.save_pretrained(str(tmp / "caption_tokenizer"))
+        if getattr(pipe, "scorer", None) is not None:
+            pipe.scorer.save_pretrained(tmp / "scorer")
         meta = {
             "format": FORMAT,
             "version": VERSION,

@@ -44,6 +44,16 @@ class Output:
     texts: list[str] = field(default_factory=list)
     latents: dict[str, Tensor] | None = None
 
+    def select(self, indices: Sequence[int]) -> Output:
+        """The outputs at ``indices`` (images, captions and latents alike), in that order."""
+        return Output(
+            images=[self.images[i] for i in indices] if self.images else [],
+            texts=[self.texts[i] for i in indices] if self.texts else [],
+            latents={k: v[list(indices)] for k, v in self.latents.items()}
+            if self.latents is not None
+            else None,
+        )
+
 
 class UniDiffuser:
     """Every UniDiffuser task over one network and its components.
@@ -60,6 +70,8 @@ class UniDiffuser:
             prefers); ignored by models without that label.
         guidance_scale: the guidance scale of every call that does not give one (7, the released
             default, unless the model directory's ``unidiffuser.json`` names its own).
+        scorer: a whole CLIP (components.scorer.ClipScorer) that ranks the candidates of calls
+            with ``best_of`` > 1; None: such calls are refused.
     """
 
     def __init__(
@@ -73,6 +85,7 @@ class UniDiffuser:
         schedule: NoiseSchedule | None = None,
         data_type: int = 1,
         guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+        scorer=None,
     ):
         cfg = network.config
         names = {m.name for m in cfg.modalities}
@@ -86,6 +99,7 @@ class UniDiffuser:
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
         self.caption_decoder = caption_decoder
+        self.scorer = scorer
         self.schedule = schedule or NoiseSchedule()
         self.data_type = data_type
         self.guidance_scale = check_guidance_scale(guidance_scale, "guidance_scale")
@@ -101,12 +115,21 @@ class UniDiffuser:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+        cls,
+        path: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        scorer: str | Path | None = None,
     ):
-        """Load a model directory in any supported layout (ours, the release files, diffusers)."""
+        """Load a model directory in any supported layout (ours, the release files, diffusers).
+
+        ``scorer``: a whole CLIP checkpoint's local directory to rank ``best_of`` candidates with;
+        None: the model directory's own ``scorer/`` where it has one.
+        """
         from .loading import load_pipeline
 
-        return load_pipeline(path, device=device, dtype=dtype)
+        return load_pipeline(path, device=device, dtype=dtype, scorer=scorer)
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write our format: one safetensors file or folder per component and a JSON config."""
@@ -121,6 +144,7 @@ class UniDiffuser:
             self.image_encoder,
             self.text_encoder,
             self.caption_decoder,
+            *([self.scorer] if self.scorer is not None else []),
         ):
             part.to(device=device, dtype=dtype)
         if self._fast is not None:  # compiled and captured for the old device and dtype: start again
@@ -270,15 +294,22 @@ class UniDiffuser:
         self, images: Sequence[ImageInput], generator: torch.Generator, size: tuple[int, int] | None = None
     ) -> dict[str, Tensor]:
         """Pictures -> the image group: VAE latents (posterior sampled) and CLIP embeddings."""
-        if isinstance(images, (str, Path, Image.Image)) or not len(images):
-            raise ValueError("images: expected a non-empty list of PIL images or image paths")
         h, w = size or self.default_size
         # one crop for both encoders: CLIP sees the picture the autoencoder sees, as released
-        pil = [resize_and_crop(load_image(im), (h, w)) for im in images]
+        pil = self.pictures(images, (h, w))
         pixels = to_tensor(pil, (h, w)).to(self.device)
         latents = self.autoencoder.encode(pixels, generator=generator)
         embeds = self.image_encoder(pil)
         return {"img": latents.float(), "clip_img": embeds.to(self.device).float()}
+
+    def pictures(
+        self, images: Sequence[ImageInput], size: tuple[int, int] | None = None
+    ) -> list[Image.Image]:
+        """Pictures or paths -> RGB pictures resized and cropped to ``size`` (the trained size)."""
+        if isinstance(images, (str, Path, Image.Image)) or not len(images):
+            raise ValueError("images: expected a non-empty list of PIL images or image paths")
+        h, w = size or self.default_size
+        return [resize_and_crop(load_image(im), (h, w)) for im in images]
 
     @torch.no_grad()
     def decode_images(self, latents: Tensor) -> list[Image.Image]:
@@ -328,6 +359,32 @@ class UniDiffuser:
             result.texts = self.decode_texts(out["text"])
         return result
 
+    def _check_best_of(self, best_of) -> int:
+        if isinstance(best_of, bool) or not isinstance(best_of, int) or best_of < 1:
+            raise ValueError(f"best_of={best_of!r}: expected an integer >= 1 (1 keeps every sample as drawn)")
+        if best_of > 1 and self.scorer is None:
+            raise ValueError(
+                f"best_of={best_of} ranks candidates with a CLIP scorer, and this pipeline has none: load "
+                "a model directory that has a scorer/ folder, pass scorer=DIR (a whole CLIP checkpoint, "
+                "e.g. openai/clip-vit-base-patch32 downloaded beforehand) to UniDiffuser.from_pretrained, "
+                "or set pipe.scorer = ClipScorer.from_pretrained_dir(DIR)"
+            )
+        return best_of
+
+    @staticmethod
+    def _each(embeddings: Tensor, result: Output) -> Tensor:
+        """Embeddings of the inputs, each repeated for its run of outputs in ``result``."""
+        count = len(result.images or result.texts)
+        return embeddings.repeat_interleave(count // embeddings.shape[0], dim=0)
+
+    def _keep_best(self, result: Output, best_of: int, score: Callable[[Output], Tensor]) -> Output:
+        """Of each run of ``best_of`` consecutive candidates, the one ``score`` rates highest."""
+        if best_of == 1:
+            return result
+        scores = score(result).float().cpu().view(-1, best_of)
+        first = torch.arange(scores.shape[0]) * best_of
+        return result.select((first + scores.argmax(1)).tolist())
+
     @torch.no_grad()
     def text_to_image(
         self,
@@ -344,6 +401,7 @@ class UniDiffuser:
         solver: str = "dpm++3s",
         return_latents: bool = False,
         progress: Progress | None = None,
+        best_of: int = 1,
     ) -> Output:
         """Images for each prompt (num_samples each, prompt-major order).
 
@@ -352,8 +410,13 @@ class UniDiffuser:
             guidance: "uncond" (the text made absent) or "empty" (the empty prompt at t = 0).
             negative_prompt: a prompt to steer away from (used as the unconditional text).
             height, width: output pixels, multiples of 16 (the trained size by default).
+            best_of: draw this many images for each one returned and keep the one the scorer finds
+                nearest its prompt (``best_of`` times the work; the draws are those of
+                ``num_samples * best_of`` samples).
         """
-        prompts = _repeat(_check_prompts(prompts, "prompts"), num_samples)
+        best_of = self._check_best_of(best_of)
+        asked = _check_prompts(prompts, "prompts")
+        prompts = _repeat(asked, num_samples, best_of)
         gen = _generator(seed)
         mode, empty = self._empty(guidance, negative_prompt, len(prompts))
         out = generate(
@@ -361,7 +424,13 @@ class UniDiffuser:
             guidance=mode, empty=empty, generator=gen,
             **self._sampling_args(steps, guidance_scale, solver, progress, height, width),
         )  # fmt: skip
-        return self._finish(out, return_latents)
+        return self._keep_best(
+            self._finish(out, return_latents),
+            best_of,
+            lambda r: _cosine(
+                self.scorer.embed_images(r.images), self._each(self.scorer.embed_texts(asked), r)
+            ),
+        )
 
     @torch.no_grad()
     def image_to_text(
@@ -375,15 +444,28 @@ class UniDiffuser:
         solver: str = "dpm++3s",
         return_latents: bool = False,
         progress: Progress | None = None,
+        best_of: int = 1,
     ) -> Output:
-        """Captions for each image (num_samples each); guidance makes the image absent."""
+        """Captions for each image (num_samples each); guidance makes the image absent.
+
+        ``best_of``: draw this many captions for each one returned and keep the one the scorer
+        finds nearest its image.
+        """
+        best_of = self._check_best_of(best_of)
         gen = _generator(seed)
-        given = self.encode_images(_repeat(_as_list(images), num_samples), gen)
+        pictures = self.pictures(_as_list(images))
+        given = self.encode_images(_repeat(pictures, num_samples, best_of), gen)
         out = generate(
             self.sampler, self.schedule, "i2t", given=given, generator=gen,
             **self._sampling_args(steps, guidance_scale, solver, progress, None, None),
         )  # fmt: skip
-        return self._finish(out, return_latents)
+        return self._keep_best(
+            self._finish(out, return_latents),
+            best_of,
+            lambda r: _cosine(
+                self._each(self.scorer.embed_images(pictures), r), self.scorer.embed_texts(r.texts)
+            ),
+        )
 
     @torch.no_grad()
     def joint(
@@ -398,10 +480,24 @@ class UniDiffuser:
         solver: str = "dpm++3s",
         return_latents: bool = False,
         progress: Progress | None = None,
+        best_of: int = 1,
     ) -> Output:
-        """Image-caption pairs from the joint distribution."""
-        return self._unconditional(
-            "joint", num_samples, steps, guidance_scale, seed, height, width, solver, return_latents, progress
+        """Image-caption pairs from the joint distribution.
+
+        ``best_of``: draw this many pairs for each one returned and keep the pair whose picture and
+        caption the scorer finds nearest each other.
+        """
+        best_of = self._check_best_of(best_of)
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples={num_samples!r}: expected an integer >= 1")
+        result = self._unconditional(
+            "joint", num_samples * best_of, steps, guidance_scale, seed, height, width, solver, return_latents,
+            progress,
+        )  # fmt: skip
+        return self._keep_best(
+            result,
+            best_of,
+            lambda r: _cosine(self.scorer.embed_images(r.images), self.scorer.embed_texts(r.texts)),
         )
 
     @torch.no_grad()
@@ -443,15 +539,28 @@ class UniDiffuser:
         seed: int | None = 0,
         solver: str = "dpm++3s",
         return_latents: bool = False,
+        best_of: int = 1,
     ) -> Output:
-        """Image -> text latent -> image (i2t2i); the caption latent is passed straight on."""
+        """Image -> text latent -> image (i2t2i); the caption latent is passed straight on.
+
+        ``best_of``: draw this many images for each one returned and keep the one the scorer finds
+        nearest the source image.
+        """
+        best_of = self._check_best_of(best_of)
         gen = _generator(seed)
-        given = self.encode_images(_repeat(_as_list(images), num_samples), gen)
+        pictures = self.pictures(_as_list(images))
+        given = self.encode_images(_repeat(pictures, num_samples, best_of), gen)
         out = generate_chain(
             self.sampler, self.schedule, "i2t2i", given=given, generator=gen,
             **self._sampling_args(steps, guidance_scale, solver, None, None, None),
         )  # fmt: skip
-        return self._finish(out, return_latents)
+        return self._keep_best(
+            self._finish(out, return_latents),
+            best_of,
+            lambda r: _cosine(
+                self._each(self.scorer.embed_images(pictures), r), self.scorer.embed_images(r.images)
+            ),
+        )
 
     @torch.no_grad()
     def text_variation(
@@ -464,14 +573,27 @@ class UniDiffuser:
         seed: int | None = 0,
         solver: str = "dpm++3s",
         return_latents: bool = False,
+        best_of: int = 1,
     ) -> Output:
-        """Text -> image latents -> text (t2i2t); the image latents are passed straight on."""
-        prompts = _repeat(_check_prompts(prompts, "prompts"), num_samples)
+        """Text -> image latents -> text (t2i2t); the image latents are passed straight on.
+
+        ``best_of``: draw this many captions for each one returned and keep the one the scorer
+        finds nearest the prompt.
+        """
+        best_of = self._check_best_of(best_of)
+        asked = _check_prompts(prompts, "prompts")
+        prompts = _repeat(asked, num_samples, best_of)
         out = generate_chain(
             self.sampler, self.schedule, "t2i2t", given={"text": self.encode_prompts(prompts)},
             generator=_generator(seed), **self._sampling_args(steps, guidance_scale, solver, None, None, None),
         )  # fmt: skip
-        return self._finish(out, return_latents)
+        return self._keep_best(
+            self._finish(out, return_latents),
+            best_of,
+            lambda r: _cosine(
+                self._each(self.scorer.embed_texts(asked), r), self.scorer.embed_texts(r.texts)
+            ),
+        )
 
     @torch.no_grad()
     def hop(
@@ -585,6 +707,11 @@ def check_guidance_scale(value, where: str) -> float:
     return float(value)
 
 
+def _cosine(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise cosine of two (B, D) batches of unit vectors -> (B,)."""
+    return (a * b).sum(-1)
+
+
 def _generator(seed: int | None) -> torch.Generator:
     gen = torch.Generator()
     if seed is None:
@@ -614,10 +741,11 @@ def _as_list(images) -> list:
     return list(images)
 
 
-def _repeat(items: list, n: int) -> list:
-    if not isinstance(n, int) or n < 1:
+def _repeat(items: list, n: int, best_of: int = 1) -> list:
+    """Each item ``n * best_of`` times in a row (its samples, each drawn as ``best_of`` candidates)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"num_samples={n!r}: expected an integer >= 1")
-    return [item for item in items for _ in range(n)]
+    return [item for item in items for _ in range(n * best_of)]
 
 
 def _slerp(a: Tensor, b: Tensor, w: float) -> Tensor:

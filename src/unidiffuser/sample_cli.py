@@ -13,6 +13,7 @@ from pathlib import Path
 MODES = ("t2i", "i2t", "joint", "i", "t", "i2t2i", "t2i2t")
 NEEDS_PROMPT = ("t2i", "t2i2t")
 NEEDS_IMAGE = ("i2t", "i2t2i")
+RANKED = ("t2i", "i2t", "joint", "i2t2i", "t2i2t")  # the modes --best-of ranks: each output has a reference
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -84,13 +85,24 @@ def cmd_sample(args: argparse.Namespace) -> int:
     for image in args.image or []:
         if not Path(image).is_file():
             raise SystemExit(f"unidiffuser sample: --image {image}: no such file")
+    if args.best_of > 1 and args.mode not in RANKED:
+        raise SystemExit(
+            f"unidiffuser sample: --best-of ranks samples against their prompt, image or other half; "
+            f"--mode {args.mode} has none to rank against (use one of {', '.join(RANKED)})"
+        )
     dtype = torch_dtype(args.dtype)
     device = device_option(args.device, "unidiffuser sample")
     try:
         model = args.model if args.model is not None else shipped_model_dir()
-        pipe = UniDiffuser.from_pretrained(model, device=device, dtype=dtype)
+        pipe = UniDiffuser.from_pretrained(model, device=device, dtype=dtype, scorer=args.scorer)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"unidiffuser sample: --model {args.model}: {err}") from None
+    if args.best_of > 1 and pipe.scorer is None:
+        raise SystemExit(
+            f"unidiffuser sample: --best-of {args.best_of} needs a CLIP scorer and the model "
+            f"{model} has no scorer/ folder: pass --scorer DIR, a whole CLIP checkpoint in transformers' "
+            "layout (for example openai/clip-vit-base-patch32, downloaded beforehand)"
+        )
     pipe.data_type = args.data_type
     try:  # before any calibration or compilation
         pipe.check_size(args.height, args.width)
@@ -111,25 +123,26 @@ def cmd_sample(args: argparse.Namespace) -> int:
     progress = None if loops else advance
 
     common = dict(num_samples=args.num_samples, steps=args.steps, seed=args.seed, solver=args.solver)
+    ranked = dict(best_of=args.best_of, **common)
     size = dict(height=args.height, width=args.width)
     try:
         if args.mode == "t2i":
             out = pipe.text_to_image(
                 args.prompt, guidance_scale=args.guidance, guidance=args.guidance_mode,
-                negative_prompt=args.negative_prompt, progress=progress, **size, **common,
+                negative_prompt=args.negative_prompt, progress=progress, **size, **ranked,
             )  # fmt: skip
         elif args.mode == "i2t":
-            out = pipe.image_to_text(args.image, guidance_scale=args.guidance, progress=progress, **common)
+            out = pipe.image_to_text(args.image, guidance_scale=args.guidance, progress=progress, **ranked)
         elif args.mode == "joint":
-            out = pipe.joint(guidance_scale=args.guidance, progress=progress, **size, **common)
+            out = pipe.joint(guidance_scale=args.guidance, progress=progress, **size, **ranked)
         elif args.mode == "i":
             out = pipe.image(progress=progress, **size, **common)
         elif args.mode == "t":
             out = pipe.text(progress=progress, **common)
         elif args.mode == "i2t2i":
-            out = pipe.image_variation(args.image, guidance_scale=args.guidance, **common)
+            out = pipe.image_variation(args.image, guidance_scale=args.guidance, **ranked)
         else:
-            out = pipe.text_variation(args.prompt, guidance_scale=args.guidance, **common)
+            out = pipe.text_variation(args.prompt, guidance_scale=args.guidance, **ranked)
     except ValueError as err:
         raise SystemExit(f"unidiffuser sample: {err}") from None
     finally:
@@ -166,11 +179,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    """Convert a model directory (release files or diffusers layout) to our format."""
+    """Convert a model directory (release files, diffusers layout, or ours) to our format."""
     from .pipeline import UniDiffuser
 
     try:
-        pipe = UniDiffuser.from_pretrained(args.src, device="cpu", dtype=torch_dtype(args.dtype))
+        pipe = UniDiffuser.from_pretrained(
+            args.src, device="cpu", dtype=torch_dtype(args.dtype), scorer=args.scorer
+        )
         pipe.save_pretrained(args.dst)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         raise SystemExit(f"unidiffuser convert: {err}") from None
@@ -211,6 +226,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument(f"--{side}", type=positive_int, default=None,
                        help=f"image {side} in pixels (multiple of 16); left out: the model's own")  # fmt: skip
     p.add_argument("--solver", choices=("dpm++3s", "dpm++2m", "ddim"), default="dpm++3s", help="ODE solver")
+    p.add_argument(
+        "--best-of", type=positive_int, default=1, metavar="K",
+        help="draw K samples for each one written and keep the one a CLIP scorer finds nearest its prompt or "
+        "image (joint: its own picture and caption nearest each other); K times the work; "
+        f"modes {', '.join(RANKED)}",
+    )  # fmt: skip
+    p.add_argument(
+        "--scorer", default=None, metavar="DIR",
+        help="a whole CLIP checkpoint (transformers layout) to rank --best-of with; left out: the model's own "
+        "scorer/ folder (the shipped model has one)",
+    )  # fmt: skip
     p.add_argument("--data-type", type=int, choices=(0, 1), default=1, help="v1 data_type: 1 curated, 0 web")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     add_speed_arguments(p)
@@ -226,5 +252,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument(
         "--dtype", choices=DTYPES, default="fp32",
         help="weights dtype of the written files (loading casts them to the dtype asked for)",
+    )  # fmt: skip
+    c.add_argument(
+        "--scorer", default=None, metavar="DIR",
+        help="a whole CLIP checkpoint to write as the model's scorer/ (ranks best-of sampling); left out: "
+        "the source's own, if it has one",
     )  # fmt: skip
     c.set_defaults(func=cmd_convert)

@@ -13,6 +13,7 @@ from .components.autoencoder import ImageAutoencoder
 from .components.caption import CaptionDecoder, tiny_gpt2_tokenizer
 from .components.caption import preset as caption_preset
 from .components.clip import TINY_TEXT, TINY_VISION, ClipImageEmbedder, ClipTextEncoder
+from .components.scorer import ClipScorer
 from .network import UViT, image_text_config
 from .pipeline import UniDiffuser
 
@@ -33,8 +34,9 @@ def tiny_network_config(data_type: bool = True):
     )
 
 
-def tiny_pipeline(seed: int = 0, data_type: bool = True) -> UniDiffuser:
-    """Random tiny network and components, reproducible by seed."""
+def tiny_pipeline(seed: int = 0, data_type: bool = True, scorer: bool = True) -> UniDiffuser:
+    """Random tiny network and components (with a tiny CLIP scorer unless ``scorer`` is False),
+    reproducible by seed."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         network = UViT(tiny_network_config(data_type))
@@ -44,4 +46,5 @@ def tiny_pipeline(seed: int = 0, data_type: bool = True) -> UniDiffuser:
         ClipImageEmbedder.random(TINY_VISION, seed=seed),
         ClipTextEncoder.random(TINY_TEXT, seed=seed),
         CaptionDecoder.random(caption_preset("tiny"), tiny_gpt2_tokenizer(), seed=seed).frozen(),
+        scorer=ClipScorer.random(TINY_VISION, TINY_TEXT, seed=seed) if scorer else None,
     )

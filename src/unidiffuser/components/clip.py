@@ -283,7 +283,24 @@ def tiny_clip_tokenizer(num_merges: int = TINY_MERGES) -> CLIPTokenizer:
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading helpers
+# Loading helpers and preprocessing
+
+
+def clip_pixels(images: Sequence[Image.Image], size: int) -> Tensor:
+    """CLIP's preprocessing in Pillow and NumPy: pictures -> (B, 3, size, size) float32 on the CPU.
+
+    See ``ClipImageEmbedder.preprocess``.
+    """
+    if isinstance(images, Image.Image) or not len(images):
+        raise ValueError("images: expected a non-empty sequence of PIL images")
+    arrays = []
+    for i, image in enumerate(images):
+        if not isinstance(image, Image.Image):
+            raise ValueError(f"images[{i}]: expected a PIL image, got {type(image).__name__}")
+        arrays.append(np.asarray(resize_and_crop(_to_rgb(image), (size, size), "bicubic"), dtype=np.float32))
+    x = np.stack(arrays) / np.float32(255.0)  # (B, S, S, 3) in [0, 1]
+    x = (x - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
+    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()  # (B, 3, S, S)
 
 
 def _check_dir(path: str | Path, what: str, model_id: str, tokenizer: bool, model: bool = True) -> Path:
@@ -394,17 +411,7 @@ class ClipImageEmbedder(_Frozen):
         transformers' processor drops the alpha channel); otherwise the result equals
         transformers' CLIPImageProcessor (PIL backend).
         """
-        if isinstance(images, Image.Image) or not len(images):
-            raise ValueError("images: expected a non-empty sequence of PIL images")
-        s = self.image_size
-        arrays = []
-        for i, image in enumerate(images):
-            if not isinstance(image, Image.Image):
-                raise ValueError(f"images[{i}]: expected a PIL image, got {type(image).__name__}")
-            arrays.append(np.asarray(resize_and_crop(_to_rgb(image), (s, s), "bicubic"), dtype=np.float32))
-        x = np.stack(arrays) / np.float32(255.0)  # (B, S, S, 3) in [0, 1]
-        x = (x - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
-        return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()  # (B, 3, S, S)
+        return clip_pixels(images, self.image_size)
 
     def forward(self, images: Sequence[Image.Image] | Tensor) -> Tensor:
         """Pictures, or a batch already preprocessed to (B, 3, S, S) -> (B, projection_dim)."""

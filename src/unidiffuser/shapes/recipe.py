@@ -7,8 +7,9 @@ interrupted one continues from its last checkpoint):
     clip/         a small CLIP, trained contrastively                 (shapes.clip_training)
     vae/          a small AutoencoderKL, 64 px -> 16 x 16 x 4           (shapes.vae_training)
     decoder/      the caption decoder on the CLIP text features       (unidiffuser train-decoder)
-    components/   those four with an untrained U-ViT, in our model format (with --frozen-from
-                  MODEL the four stages above are skipped and MODEL's parts are used)
+    components/   those four with an untrained U-ViT and the whole CLIP as the best-of scorer, in
+                  our model format (with --frozen-from MODEL the four stages above are skipped
+                  and MODEL's parts are used)
     data/         rendered train-split scenes, one PNG and one .txt caption each
     features/     the frozen encoders' features of data/              (unidiffuser extract)
     uvit/         the U-ViT, trained on features/                     (unidiffuser train)
@@ -491,11 +492,13 @@ def frozen_source(frozen_from: str) -> Path:
 
 
 def _frozen_parts(out: Path, recipe: Recipe) -> tuple:
-    """The autoencoder, CLIP image and text encoders and caption decoder of the model: trained by
-    the earlier stages, or taken from the model ``recipe.frozen_from`` names."""
+    """The autoencoder, CLIP image and text encoders, caption decoder and CLIP scorer of the model:
+    trained by the earlier stages (the scorer is the whole CLIP the two encoders come from), or
+    taken from the model ``recipe.frozen_from`` names (its scorer, None where it has none)."""
     if not recipe.frozen_from:
         from ..components.autoencoder import ImageAutoencoder
         from ..components.clip import ClipImageEmbedder, ClipTextEncoder
+        from ..components.scorer import ClipScorer
         from ..training.checkpoint import latest_checkpoint
         from ..training.decoder import DECODER_FORMAT, load_decoder_checkpoint
 
@@ -505,6 +508,7 @@ def _frozen_parts(out: Path, recipe: Recipe) -> tuple:
             ClipImageEmbedder.from_pretrained_dir(out / "clip" / "image_encoder"),
             ClipTextEncoder.from_pretrained_dir(out / "clip" / "text_encoder"),
             load_decoder_checkpoint(last.path).frozen(),
+            ClipScorer.from_pretrained_dir(out / "clip" / "clip"),
         )
     from ..pipeline import UniDiffuser
 
@@ -515,7 +519,13 @@ def _frozen_parts(out: Path, recipe: Recipe) -> tuple:
             f"--frozen-from {recipe.frozen_from}: its autoencoder is made for {made_for} px pictures, "
             f"the recipe's image_size is {recipe.image_size}; use --set image_size={made_for}"
         )
-    return source.autoencoder, source.image_encoder, source.text_encoder, source.caption_decoder
+    return (
+        source.autoencoder,
+        source.image_encoder,
+        source.text_encoder,
+        source.caption_decoder,
+        source.scorer,
+    )
 
 
 def _components(out: Path, recipe: Recipe) -> None:
@@ -525,7 +535,7 @@ def _components(out: Path, recipe: Recipe) -> None:
     from ..network import UViT
     from ..pipeline import UniDiffuser
 
-    autoencoder, image_encoder, text_encoder, decoder = _frozen_parts(out, recipe)
+    autoencoder, image_encoder, text_encoder, decoder, scorer = _frozen_parts(out, recipe)
     config = network_config(
         recipe,
         decoder.config.prefix_dim,
@@ -537,7 +547,13 @@ def _components(out: Path, recipe: Recipe) -> None:
         torch.manual_seed(recipe.seed)
         network = UViT(config)
     UniDiffuser(
-        network, autoencoder, image_encoder, text_encoder, decoder, guidance_scale=recipe.guidance_scale
+        network,
+        autoencoder,
+        image_encoder,
+        text_encoder,
+        decoder,
+        guidance_scale=recipe.guidance_scale,
+        scorer=scorer,
     ).save_pretrained(out / "components")
 
 
