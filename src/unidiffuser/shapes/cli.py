@@ -68,6 +68,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         pipe = UniDiffuser.from_pretrained(model, device=device)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"unidiffuser eval: --model {args.model}: {err}") from None
+    if args.best_of > 1 and pipe.scorer is None:
+        raise SystemExit(
+            f"unidiffuser eval: --best-of {args.best_of}: the model {model} has no scorer/ folder (a whole "
+            "CLIP) to rank candidates with; `unidiffuser convert MODEL NEW --scorer CLIP_DIR` adds one"
+        )
     start = time.perf_counter()
     print(format_rows([]), flush=True)
     rows = evaluate(
@@ -80,18 +85,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
         log=lambda line: print(line, flush=True),
         tasks=args.tasks,
         solver=args.solver,
+        best_of=args.best_of,
     )
     seconds = time.perf_counter() - start
-    print(
-        f"\n{args.samples} samples per row, {args.steps} steps of {args.solver}, seed {args.seed}: {seconds:.0f} s",
-        file=sys.stderr,
+    ranked = (
+        f", each ranked sample the best of {args.best_of} by the model's scorer" if args.best_of > 1 else ""
     )
+    settings = (
+        f"{args.samples} samples per row, {args.steps} steps of {args.solver}, seed {args.seed}{ranked}"
+    )
+    print(f"\n{settings}: {seconds:.0f} s", file=sys.stderr)
     if args.out:
         from pathlib import Path
 
         from .stage import write_text_atomic
 
-        write_text_atomic(Path(args.out), format_rows(rows) + "\n")
+        write_text_atomic(Path(args.out), format_rows(rows) + f"\n\n{settings}.\n")
         print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
@@ -153,6 +162,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help=f"score only these tasks' rows ({', '.join(TASKS)})",
     )  # fmt: skip
     e.add_argument("--solver", choices=SOLVERS, default="dpm++3s", help="ODE solver (the pipeline's default)")
+    e.add_argument(
+        "--best-of", type=positive_int, default=1, metavar="K",
+        help="score best-of sampling: each conditional and joint sample the best of K candidates by the "
+        "model's CLIP scorer (K times the work); the image and text rows stay as drawn",
+    )  # fmt: skip
     e.add_argument("--seed", type=int, default=0, help="seed of the scenes, prompts and noise")
     e.add_argument("--batch-size", type=positive_int, default=64, help="samples per pipeline call")
     e.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")

@@ -16,6 +16,11 @@ sample that does not parse counts as wrong on each). The other rows of generated
 the images that show no scene show none (``parse.REJECTIONS``: one colour twice, a diagonal pair,
 three or more objects, ...).
 
+``best_of`` > 1 scores the pipeline's best-of sampling: each conditional and joint sample is the
+one of ``best_of`` candidates that the model's CLIP scorer ranks first (``UniDiffuser.text_to_image``
+and the others); the unconditional image and text rows have nothing to rank against and stay as
+drawn.
+
 ``tasks`` picks rows by task (``TASKS``: t2i, i2t, image-variation, text-variation, joint, image,
 text); each kept row is scored exactly as in the whole table, on the same scenes and noise.
 
@@ -122,12 +127,21 @@ def evaluate(
     log: Callable[[str], None] | None = None,
     tasks: Sequence[str] = TASKS,
     solver: str = "dpm++3s",
+    best_of: int = 1,
 ) -> list[Row]:
     """Score the modes of ``pipe`` (a shapes-world ``UniDiffuser``) that ``tasks`` names (every one
     by default; see ``TASKS``), in the table's fixed order, with ``solver`` (one of
-    ``solvers.SOLVERS``; the pipeline's default); see the module docstring."""
+    ``solvers.SOLVERS``; the pipeline's default) and ``best_of`` candidates per ranked sample; see
+    the module docstring. ``batch_size`` counts candidates: a call samples ``batch_size // best_of``
+    outputs (at least one)."""
     if samples < 1 or steps < 1 or batch_size < 1:
         raise ValueError(f"samples={samples}, steps={steps}, batch_size={batch_size}: each must be >= 1")
+    if isinstance(best_of, bool) or not isinstance(best_of, int) or best_of < 1:
+        raise ValueError(f"best_of={best_of!r}: expected an integer >= 1")
+    if best_of > 1 and getattr(pipe, "scorer", None) is None:
+        raise ValueError(
+            f"best_of={best_of}: the model has no CLIP scorer (a scorer/ folder) to rank candidates with"
+        )
     if solver not in SOLVERS:
         raise ValueError(f"solver={solver!r}: expected one of {', '.join(SOLVERS)}")
     tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
@@ -137,11 +151,15 @@ def evaluate(
     size = pipe.default_size[0]
     rows: list[Row] = []
 
-    def batched(method: str, inputs: list | None = None, **options) -> tuple[list, list]:
-        """``pipe.<method>`` over the inputs (or ``samples`` draws when None), ``batch_size`` at a time."""
+    def batched(method: str, inputs: list | None = None, ranked: bool = True, **options) -> tuple[list, list]:
+        """``pipe.<method>`` over the inputs (or ``samples`` draws when None), ``batch_size``
+        candidates at a time; ``ranked``: each output the best of ``best_of``."""
         images, texts = [], []
-        for i in range(0, samples if inputs is None else len(inputs), batch_size):
-            first = min(batch_size, samples - i) if inputs is None else inputs[i : i + batch_size]
+        if ranked and best_of > 1:
+            options["best_of"] = best_of
+        per_call = max(1, batch_size // options.get("best_of", 1))
+        for i in range(0, samples if inputs is None else len(inputs), per_call):
+            first = min(per_call, samples - i) if inputs is None else inputs[i : i + per_call]
             out = getattr(pipe, method)(first, steps=steps, seed=seed + i, solver=solver, **options)
             images += out.images or []
             texts += out.texts or []
@@ -191,13 +209,13 @@ def evaluate(
             add(Row("joint", "-", scale, samples, _share(ok), rejected))
 
     if "image" in tasks:
-        images, _ = batched("image")
+        images, _ = batched("image", ranked=False)
         parsed, rejected = read_images(images)
         distinct = len({canonical(s) for s in parsed if s is not None})
         add(Row("image (valid scene)", "-", None, samples, _share([s is not None for s in parsed]),
                 "; ".join(filter(None, [f"{distinct} distinct scenes", rejected]))))  # fmt: skip
     if "text" in tasks:
-        _, texts = batched("text")
+        _, texts = batched("text", ranked=False)
         parsed_texts = [parse_caption(t) for t in texts]
         distinct = len({canonical(s) for s in parsed_texts if s is not None})
         add(Row("text (valid caption)", "-", None, samples, _share([s is not None for s in parsed_texts]),
