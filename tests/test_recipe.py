@@ -333,6 +333,35 @@ def test_eval_scores_every_mode(smoke_run):
     with pytest.raises(ValueError, match="solver='rk4': expected one of dpm"):
         evaluate(pipe, samples=2, steps=2, solver="rk4")
 
+    # best-of: the recipe's whole CLIP is the model's scorer, and K reaches the ranked calls only
+    assert pipe.scorer is not None
+    asked = []
+
+    def spy_on(name):
+        real = getattr(pipe, name)
+
+        def spy(*args, **kw):
+            asked.append((name, kw.get("best_of", 1), len(args[0]) if name == "text_to_image" else args[0]))
+            return real(*args, **kw)
+
+        setattr(pipe, name, spy)
+
+    for name in ("text_to_image", "joint", "image"):
+        spy_on(name)
+    ranked = evaluate(
+        pipe,
+        samples=2,
+        steps=2,
+        guidance_scales=(0.0,),
+        batch_size=4,
+        tasks=("t2i", "joint", "image"),
+        best_of=2,
+    )
+    assert len(ranked) == 6 and all(r.n == 2 for r in ranked)
+    assert set(asked) == {("text_to_image", 2, 2), ("joint", 2, 2), ("image", 1, 2)}  # 2 outputs of 2 a call
+    with pytest.raises(ValueError, match="best_of=0: expected an integer >= 1"):
+        evaluate(pipe, samples=2, steps=2, best_of=0)
+
 
 def test_read_images_says_why_pictures_show_no_scene():
     scene = Scene((Object("circle", "red", "large", 1, 1),), "black")

@@ -203,6 +203,8 @@ BAD_REQUESTS = [
         "frames=1",
     ),
     ("joint", {"samples": 0}, 400, "samples=0: this server allows 1 to 3"),
+    ("joint", {"best_of": 9}, 400, "best_of=9: this server allows 1 to 4"),
+    ("image", {"best_of": 2}, 400, "image has no field 'best_of'"),
     ("image_to_text", {}, 400, "image: no image given"),
     ("image_to_text", {"image": b64(b"just some text, not a picture\n")}, 400, "not an image"),
     ("image_to_text", {"image": "%%% not base64 %%%"}, 400, "not valid base64"),
@@ -477,6 +479,29 @@ def test_a_request_without_guidance_gets_the_models_own():
     assert make_job(TASKS["text_to_image"], {"prompt": "a red circle"}, Limits()).guidance == 7.0
     capped = Limits(guidance=4.0, default_guidance=6.0)  # a default above the limit is capped to it
     assert make_job(TASKS["text_to_image"], {"prompt": "a red circle"}, capped).guidance == 4.0
+
+
+def test_api_best_of_ranks_candidates_as_the_pipeline_does(server):
+    prompt = "a red circle"
+    fields = {"prompt": prompt, "samples": 2, "best_of": 3, "steps": STEPS, "seed": 3}
+    answer = server.client.post("/api/text_to_image", json=fields).json()
+    expected = server.pipe.text_to_image(
+        prompt, num_samples=2, best_of=3, steps=STEPS, seed=3, solver="dpm++3s"
+    )
+    assert [png_bytes(decode_png(text)) for text in answer["images"]] == [
+        png_bytes(im) for im in expected.images
+    ]
+    assert answer["settings"]["best_of"] == 3
+    drawn = server.pipe.text_to_image(prompt, num_samples=2, steps=STEPS, seed=3, solver="dpm++3s")
+    assert "best_of" not in make_job(TASKS["image"], {}, LIMITS).settings("m")  # not a ranked task
+    assert [png_bytes(im) for im in expected.images] != [png_bytes(im) for im in drawn.images]
+
+
+def test_a_model_without_a_scorer_refuses_best_of_with_the_reason():
+    unranked = Limits(best_of=1)  # what `unidiffuser serve` sets for a model without a scorer
+    assert make_job(TASKS["joint"], {}, unranked).best_of == 1
+    with pytest.raises(ValueError, match="best_of=2: this model has no CLIP scorer"):
+        make_job(TASKS["joint"], {"best_of": 2}, unranked)
 
 
 def test_limits_refuse_impossible_values():

@@ -60,6 +60,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         steps=args.max_steps,
         queue=args.max_queue,
         default_guidance=pipe.guidance_scale,
+        best_of=args.max_best_of if pipe.scorer is not None else 1,
     )
     app = build_app(pipe, out=out, limits=limits, model=name)
     host = f"[{args.host}]" if ":" in args.host else args.host
@@ -121,6 +122,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=Limits.steps,
         help="most solver steps one request may ask for",
     )
+    p.add_argument(
+        "--max-best-of", type=positive_int, default=Limits.best_of,
+        help="most candidates per sample one request may rank (best_of; needs the model's CLIP scorer, "
+        "which the shipped model has)",
+    )  # fmt: skip
     p.add_argument(
         "--max-queue", type=_nonnegative_int, default=Limits.queue,
         help="requests that may wait behind the running one; more are answered 'busy'",

@@ -45,6 +45,9 @@ class ServedTask:
         count: "samples" (``num_samples``) or "frames" (interpolation's ``frames``).
         progress: whether the method reports its solver steps.
         outputs: what it returns: "images", "texts" or both.
+        ranked: whether it takes ``best_of`` (each output the best of that many candidates by the
+            model's CLIP scorer): the tasks whose outputs have a prompt, an image or each other to
+            agree with.
     """
 
     name: str
@@ -56,11 +59,12 @@ class ServedTask:
     count: str = "samples"
     progress: bool = True
     outputs: tuple[str, ...] = ("images",)
+    ranked: bool = True
 
     def fields(self) -> tuple[str, ...]:
         """The request fields this task accepts."""
         names = (("prompt",) if self.prompt else ()) + self.images + ("steps", "seed", self.count)
-        return names + (("guidance",) if self.guidance else ())
+        return names + (("guidance",) if self.guidance else ()) + (("best_of",) if self.ranked else ())
 
 
 BOTH = ("images", "texts")
@@ -71,8 +75,10 @@ SERVED_TASKS: tuple[ServedTask, ...] = (
         outputs=("texts",),
     ),
     ServedTask("joint", "Joint", "Image-caption pairs drawn together.", outputs=BOTH),
-    ServedTask("image", "Image", "Images from the image marginal.", guidance=False),
-    ServedTask("text", "Text", "Captions from the text marginal.", guidance=False, outputs=("texts",)),
+    ServedTask("image", "Image", "Images from the image marginal.", guidance=False, ranked=False),
+    ServedTask(
+        "text", "Text", "Captions from the text marginal.", guidance=False, outputs=("texts",), ranked=False
+    ),
     ServedTask(
         "image_variation", "Image variation",
         "Image to caption to image: new images of what an image shows (with the caption between).",
@@ -86,14 +92,15 @@ SERVED_TASKS: tuple[ServedTask, ...] = (
     ServedTask(
         "interpolate", "Interpolation",
         "Images between two images (both inverted to noise, joined, and sampled back).",
-        images=("image_a", "image_b"), guidance=False, count="frames", progress=False,
+        images=("image_a", "image_b"), guidance=False, count="frames", progress=False, ranked=False,
     ),
 )  # fmt: skip
 TASKS: dict[str, ServedTask] = {task.name: task for task in SERVED_TASKS}
 
 # What a request that leaves a field out gets; the page starts from the same values. The guidance
 # scale is the model's own (``Limits.default_guidance``).
-DEFAULTS: dict[str, Any] = {"steps": 25, "seed": 0, "samples": 1, "frames": 5}
+DEFAULTS: dict[str, Any] = {"steps": 25, "seed": 0, "samples": 1, "frames": 5, "best_of": 1}
+CAPPED = ("steps", "guidance", "samples", "frames", "best_of")  # defaults held to their limits
 
 
 @dataclass(frozen=True)
@@ -110,6 +117,7 @@ class Limits:
         image_side: pixels of the longer side of an uploaded image.
         queue: requests that may wait behind the running one; more are answered "busy".
         default_guidance: the guidance scale of a request that leaves it out (the model's own).
+        best_of: candidates per output of a ranked task (1 where the model has no CLIP scorer).
     """
 
     samples: int = 4
@@ -121,6 +129,7 @@ class Limits:
     image_side: int = 4096
     queue: int = 8
     default_guidance: float = 7.0  # the released model's (pipeline.DEFAULT_GUIDANCE_SCALE)
+    best_of: int = 4
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
@@ -136,9 +145,7 @@ class Limits:
         value = self.default_guidance if name == "guidance" else DEFAULTS.get(name)
         if value is None:
             return None
-        return (
-            min(value, getattr(self, name)) if name in ("steps", "guidance", "samples", "frames") else value
-        )
+        return min(value, getattr(self, name)) if name in CAPPED else value
 
 
 class RequestError(ValueError):
@@ -170,6 +177,7 @@ class Job:
     seed: int
     count: int
     guidance: float | None
+    best_of: int | None = None
 
     def settings(self, model: str) -> dict[str, Any]:
         """Everything that fixes the result, as JSON values (images by size and SHA-256)."""
@@ -181,6 +189,8 @@ class Job:
         settings |= {"steps": self.steps, "seed": self.seed, self.task.count: self.count}
         if self.guidance is not None:
             settings["guidance"] = self.guidance
+        if self.best_of is not None:
+            settings["best_of"] = self.best_of
         settings["solver"] = "ddim" if self.task.name == "interpolate" else SOLVER
         return settings
 
@@ -217,7 +227,17 @@ def make_job(task: ServedTask, fields: Mapping[str, Any], limits: Limits) -> Job
         seed=_integer("seed", value("seed"), 0, MAX_SEED),
         count=_integer(task.count, value(task.count), low_count, high_count),
         guidance=_number("guidance", value("guidance"), 0.0, limits.guidance) if task.guidance else None,
+        best_of=_best_of(value("best_of"), limits) if task.ranked else None,
     )
+
+
+def _best_of(value: Any, limits: Limits) -> int:
+    if limits.best_of == 1 and value != 1:
+        raise RequestError(
+            f"best_of={value!r}: this model has no CLIP scorer to rank candidates with, so every sample is "
+            "kept as drawn (best_of 1)"
+        )
+    return _integer("best_of", value, 1, limits.best_of)
 
 
 def _integer(name: str, value: Any, low: int, high: int) -> int:
@@ -315,6 +335,8 @@ def run_job(pipe: UniDiffuser, job: Job, progress: Progress | None = None) -> Ou
     kwargs["frames" if task.count == "frames" else "num_samples"] = job.count
     if task.guidance:
         kwargs["guidance_scale"] = job.guidance
+    if task.ranked:
+        kwargs["best_of"] = job.best_of
     if task.name != "interpolate":
         kwargs["solver"] = SOLVER
     if task.progress and progress is not None:

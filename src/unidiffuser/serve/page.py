@@ -1,7 +1,7 @@
 """The web page: one Gradio tab per task, over the same checks and queue as the JSON API.
 
 Each tab has the task's inputs, controls for steps, guidance, seed and the number of samples (or
-frames), a Generate button, and the results: a gallery of images with their captions, the
+frames), where the model has a CLIP scorer a best-of control, a Generate button, and the results: a gallery of images with their captions, the
 captions as text, the exact settings as JSON and a button to download them. Examples come from
 the shapes world the shipped model was trained on.
 """
@@ -127,6 +127,11 @@ class Page:
                     inputs["samples"] = gr.Slider(
                         1, limits.samples, value=limits.default("samples"), step=1, label="Samples"
                     )
+                if task.ranked:
+                    inputs["best_of"] = gr.Slider(
+                        1, max(limits.best_of, 2), value=limits.default("best_of"), step=1,
+                        label="Best of (candidates per sample, ranked by CLIP)", visible=limits.best_of > 1,
+                    )  # fmt: skip
                 inputs["seed"] = gr.Number(
                     limits.default("seed"), label="Seed", precision=0, minimum=0, maximum=MAX_SEED
                 )
