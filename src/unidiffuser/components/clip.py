@@ -351,6 +351,14 @@ class _Frozen(nn.Module):
     def train(self, mode: bool = True):
         return super().train(False)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
 
 # ---------------------------------------------------------------------------------------------
 # Image embedder
@@ -371,14 +379,6 @@ class ClipImageEmbedder(_Frozen):
     @property
     def image_size(self) -> int:
         return int(self.model.config.image_size)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.visual_projection.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.visual_projection.weight.device
 
     @classmethod
     def random(cls, config: ImageEmbedderConfig, seed: int = 0) -> ClipImageEmbedder:
@@ -463,14 +463,6 @@ class ClipTextEncoder(_Frozen):
     @property
     def hidden_size(self) -> int:
         return int(self.model.config.hidden_size)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.final_layer_norm.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.final_layer_norm.weight.device
 
     @classmethod
     def random(

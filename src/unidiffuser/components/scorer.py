@@ -62,14 +62,6 @@ class ClipScorer(_Frozen):
     def image_size(self) -> int:
         return int(self.model.config.vision_config.image_size)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.visual_projection.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.visual_projection.weight.device
-
     @classmethod
     def random(
         cls,
