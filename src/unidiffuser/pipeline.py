@@ -10,7 +10,8 @@ frozen components (``components/``):
     image latent --VAE decode--> image
 
 Every method takes a seed and draws all its noise from one CPU generator, so a seed gives the
-same result on any device.
+same result on any device. An optional fifth component, a whole CLIP (``components/scorer.py``),
+ranks candidates where a call asks for the best of several (``best_of``).
 """
 
 from __future__ import annotations
