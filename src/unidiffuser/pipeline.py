@@ -360,7 +360,8 @@ class UniDiffuser:
             result.texts = self.decode_texts(out["text"])
         return result
 
-    def _check_best_of(self, best_of) -> int:
+    def check_best_of(self, best_of) -> int:
+        """``best_of`` as a count of candidates this pipeline can rank, or a ValueError that says why not."""
         if isinstance(best_of, bool) or not isinstance(best_of, int) or best_of < 1:
             raise ValueError(f"best_of={best_of!r}: expected an integer >= 1 (1 keeps every sample as drawn)")
         if best_of > 1 and self.scorer is None:
@@ -415,7 +416,7 @@ class UniDiffuser:
                 nearest its prompt (``best_of`` times the work; the draws are those of
                 ``num_samples * best_of`` samples).
         """
-        best_of = self._check_best_of(best_of)
+        best_of = self.check_best_of(best_of)
         asked = _check_prompts(prompts, "prompts")
         prompts = _repeat(asked, num_samples, best_of)
         gen = _generator(seed)
@@ -452,7 +453,7 @@ class UniDiffuser:
         ``best_of``: draw this many captions for each one returned and keep the one the scorer
         finds nearest its image.
         """
-        best_of = self._check_best_of(best_of)
+        best_of = self.check_best_of(best_of)
         gen = _generator(seed)
         pictures = self.pictures(_as_list(images))
         given = self.encode_images(_repeat(pictures, num_samples, best_of), gen)
@@ -488,7 +489,7 @@ class UniDiffuser:
         ``best_of``: draw this many pairs for each one returned and keep the pair whose picture and
         caption the scorer finds nearest each other.
         """
-        best_of = self._check_best_of(best_of)
+        best_of = self.check_best_of(best_of)
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples={num_samples!r}: expected an integer >= 1")
         result = self._unconditional(
@@ -547,7 +548,7 @@ class UniDiffuser:
         ``best_of``: draw this many images for each one returned and keep the one the scorer finds
         nearest the source image.
         """
-        best_of = self._check_best_of(best_of)
+        best_of = self.check_best_of(best_of)
         gen = _generator(seed)
         pictures = self.pictures(_as_list(images))
         given = self.encode_images(_repeat(pictures, num_samples, best_of), gen)
@@ -581,7 +582,7 @@ class UniDiffuser:
         ``best_of``: draw this many captions for each one returned and keep the one the scorer
         finds nearest the prompt.
         """
-        best_of = self._check_best_of(best_of)
+        best_of = self.check_best_of(best_of)
         asked = _check_prompts(prompts, "prompts")
         prompts = _repeat(asked, num_samples, best_of)
         out = generate_chain(

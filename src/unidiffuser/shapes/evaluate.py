@@ -136,12 +136,7 @@ def evaluate(
     outputs (at least one)."""
     if samples < 1 or steps < 1 or batch_size < 1:
         raise ValueError(f"samples={samples}, steps={steps}, batch_size={batch_size}: each must be >= 1")
-    if isinstance(best_of, bool) or not isinstance(best_of, int) or best_of < 1:
-        raise ValueError(f"best_of={best_of!r}: expected an integer >= 1")
-    if best_of > 1 and getattr(pipe, "scorer", None) is None:
-        raise ValueError(
-            f"best_of={best_of}: the model has no CLIP scorer (a scorer/ folder) to rank candidates with"
-        )
+    pipe.check_best_of(best_of)  # before any sampling
     if solver not in SOLVERS:
         raise ValueError(f"solver={solver!r}: expected one of {', '.join(SOLVERS)}")
     tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
