@@ -24,6 +24,7 @@ from PIL import Image
 from torch import Tensor, nn
 from transformers import (
     AutoTokenizer,
+    CLIPConfig,
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTokenizer,
@@ -140,6 +141,15 @@ class TextEncoderConfig:
             eos_token_id=self.eos_token_id,
             pad_token_id=self.eos_token_id,
         )
+
+
+def whole_clip_config(vision: ImageEmbedderConfig, text: TextEncoderConfig) -> CLIPConfig:
+    """A whole CLIP's config: both towers, projections to the image embedding's width, a learned temperature."""
+    return CLIPConfig(
+        text_config=text.transformers_config().to_dict(),
+        vision_config=vision.transformers_config().to_dict(),
+        projection_dim=vision.projection_dim,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,9 +339,12 @@ def _check_dir(path: str | Path, what: str, model_id: str, tokenizer: bool, mode
 
 def _from_pretrained(cls, path: Path, what: str):
     """transformers' from_pretrained, local only, float32, failing on missing or misshapen weights."""
-    model, info = cls.from_pretrained(
-        path, local_files_only=True, output_loading_info=True, dtype=torch.float32
-    )
+    try:
+        model, info = cls.from_pretrained(
+            path, local_files_only=True, output_loading_info=True, dtype=torch.float32
+        )
+    except RuntimeError as err:  # transformers refuses misshapen weights itself
+        raise ValueError(f"{what} weights in {str(path)!r} do not fit its config.json: {err}") from None
     # unexpected keys are fine: a full CLIP checkpoint also holds the other tower
     bad = sorted(info.get("missing_keys", [])) + [str(k) for k in info.get("mismatched_keys", [])]
     if bad:

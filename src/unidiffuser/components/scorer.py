@@ -27,9 +27,11 @@ from .clip import (
     ImageEmbedderConfig,
     TextEncoderConfig,
     _check_dir,
+    _from_pretrained,
     _Frozen,
     clip_pixels,
     tiny_clip_tokenizer,
+    whole_clip_config,
 )
 
 
@@ -71,16 +73,9 @@ class ClipScorer(_Frozen):
         seed: int = 0,
     ) -> ClipScorer:
         """Random weights, reproducible by seed; the tokenizer defaults to ``tiny_clip_tokenizer()``."""
-        from transformers import CLIPConfig
-
-        config = CLIPConfig(
-            text_config=text.transformers_config().to_dict(),
-            vision_config=vision.transformers_config().to_dict(),
-            projection_dim=vision.projection_dim,
-        )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = CLIPModel(config)
+            model = CLIPModel(whole_clip_config(vision, text))
         return cls(model, tokenizer if tokenizer is not None else tiny_clip_tokenizer())
 
     @classmethod
@@ -93,20 +88,7 @@ class ClipScorer(_Frozen):
             raise ValueError(
                 f"CLIP scorer {str(path)!r}: its config.json is a {model_type!r} model; a scorer is {whole}"
             )
-        try:
-            model, info = CLIPModel.from_pretrained(
-                path, local_files_only=True, output_loading_info=True, dtype=torch.float32
-            )
-        except RuntimeError as err:  # transformers refuses misshapen weights
-            raise ValueError(
-                f"CLIP scorer weights in {str(path)!r} do not fit its config.json: {err}"
-            ) from None
-        bad = sorted(info.get("missing_keys", [])) + [str(k) for k in info.get("mismatched_keys", [])]
-        if bad:
-            raise ValueError(
-                f"CLIP scorer weights in {str(path)!r} do not fit the config ({whole} is needed): missing or "
-                f"misshapen {bad[:10]}"
-            )
+        model = _from_pretrained(CLIPModel, path, "CLIP scorer")
         return cls(model, AutoTokenizer.from_pretrained(path, local_files_only=True))
 
     def save_pretrained(self, path: str | Path) -> None:

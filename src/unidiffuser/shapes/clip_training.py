@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
+from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from ..components.clip import (
     CLIP_MEAN,
@@ -42,6 +42,7 @@ from ..components.clip import (
     ClipTextEncoder,
     ImageEmbedderConfig,
     TextEncoderConfig,
+    whole_clip_config,
 )
 from .captions import caption
 from .stage import StageCheckpoints, warmup_cosine, write_dir, write_text_atomic
@@ -87,15 +88,6 @@ def text_config(vocab_size: int, bos_token_id: int, eos_token_id: int) -> TextEn
         max_positions=CONTEXT_LENGTH,
         bos_token_id=bos_token_id,
         eos_token_id=eos_token_id,
-    )
-
-
-def clip_config(vision: ImageEmbedderConfig, text: TextEncoderConfig) -> CLIPConfig:
-    """The whole CLIP: both towers, projections to the image embedding's width, a learned temperature."""
-    return CLIPConfig(
-        text_config=text.transformers_config().to_dict(),
-        vision_config=vision.transformers_config().to_dict(),
-        projection_dim=vision.projection_dim,
     )
 
 
@@ -269,7 +261,7 @@ def train_clip(
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = CLIPModel(clip_config(vision, text))
+        model = CLIPModel(whole_clip_config(vision, text))
     model.to(device).train()
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "embedding" in n]
     decay = [p for n, p in model.named_parameters() if not (p.ndim < 2 or "embedding" in n)]
