@@ -239,7 +239,7 @@ def test_the_model_directory_carries_its_default_guidance(pipe, image, tmp_path)
     )  # fmt: skip
     own.save_pretrained(tmp_path / "own")
     meta = json.loads((tmp_path / "own" / "unidiffuser.json").read_text())
-    assert meta["sampling"] == {"guidance_scale": 2.5}
+    assert meta["sampling"] == {"guidance_scale": 2.5, "grid": "time"}
     again = UniDiffuser.from_pretrained(tmp_path / "own")
     assert again.guidance_scale == 2.5
     # a call that names no scale samples at the model's: the same as naming 2.5, not as naming 7
@@ -277,6 +277,79 @@ def test_the_model_directory_carries_its_default_guidance(pipe, image, tmp_path)
             UniDiffuser.from_pretrained(tmp_path / "older")
     with pytest.raises(ValueError, match=r"guidance_scale=-2: expected a finite number >= 0"):
         UniDiffuser(pipe.network, *[getattr(pipe, n) for n in COMPONENTS], guidance_scale=-2)
+
+
+def test_the_model_directory_carries_its_time_grid(pipe, image, tmp_path, monkeypatch):
+    import unidiffuser.tasks as tasks
+    from unidiffuser.solvers import logsnr_grid
+
+    assert pipe.grid == "time"  # the released sampler's, when nothing says otherwise
+    own = UniDiffuser(
+        pipe.network, pipe.autoencoder, pipe.image_encoder, pipe.text_encoder, pipe.caption_decoder,
+        grid="logsnr",
+    )  # fmt: skip
+    own.save_pretrained(tmp_path / "own")
+    meta = json.loads((tmp_path / "own" / "unidiffuser.json").read_text())
+    assert meta["sampling"] == {"guidance_scale": 7.0, "grid": "logsnr"}
+    again = UniDiffuser.from_pretrained(tmp_path / "own")
+    assert again.grid == "logsnr"
+    assert load_components(tmp_path / "own", ["autoencoder"]).grid == "logsnr"
+
+    # every sampling call integrates over the pipeline's grid: record the times the solver visits
+    visited = []
+    real_sample = tasks.sample
+
+    def recording(model_fn, x, schedule, **kwargs):
+        def spy(x, t):
+            visited.append(float(t))
+            return model_fn(x, t)
+
+        spy.__dict__.update(model_fn.__dict__)
+        return real_sample(spy, x, schedule, **kwargs)
+
+    monkeypatch.setattr(tasks, "sample", recording)
+    logsnr = again.text_to_image("a red circle", steps=4, seed=2, solver="ddim", return_latents=True)
+    assert visited == pytest.approx(logsnr_grid(again.schedule, 4)[:-1].tolist())
+    visited.clear()
+    again.grid = "time"
+    time = again.text_to_image("a red circle", steps=4, seed=2, solver="ddim", return_latents=True)
+    assert visited == pytest.approx([1.0, 0.75025, 0.5005, 0.25075])
+    assert not torch.allclose(logsnr.latents["img"], time.latents["img"])
+    monkeypatch.undo()
+
+    # the command line samples at the model's grid unless --grid names another, and records it
+    def settings(*extra):
+        out = tmp_path / "samples"
+        args = [
+            "sample",
+            "--model",
+            str(tmp_path / "own"),
+            "--prompt",
+            "a cat",
+            "--steps",
+            "2",
+            "--out",
+            str(out),
+        ]
+        assert main([*args, *extra]) == 0
+        return json.loads((out / "t2i_settings.json").read_text())["grid"]
+
+    assert settings() == "logsnr"
+    assert settings("--grid", "time") == "time"
+    # a file written before the field existed loads with the released grid; a bad one is refused
+    del meta["sampling"]["grid"]
+    shutil.copytree(tmp_path / "own", tmp_path / "older")
+    (tmp_path / "older" / "unidiffuser.json").write_text(json.dumps(meta))
+    assert UniDiffuser.from_pretrained(tmp_path / "older").grid == "time"
+    meta["sampling"]["grid"] = "karras"
+    (tmp_path / "older" / "unidiffuser.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"unidiffuser\.json: sampling\.grid='karras': expected 'time'"):
+        UniDiffuser.from_pretrained(tmp_path / "older")
+    with pytest.raises(ValueError, match=r"grid='uniform': expected 'time'"):
+        UniDiffuser(pipe.network, *[getattr(pipe, n) for n in COMPONENTS], grid="uniform")
+    again.grid = "cosine"  # an attribute set by hand is checked when a call samples
+    with pytest.raises(ValueError, match=r"pipe\.grid='cosine': expected 'time'"):
+        again.text_to_image("a red circle", steps=2)
 
 
 def test_loading_errors(release_dir, tmp_path):

@@ -3,7 +3,8 @@
 Our format (written by ``save_pipeline``, read by ``load_pipeline``), one directory::
 
     unidiffuser.json           format version, the network config, the component configs, data_type,
-                               sampling defaults ({"guidance_scale": s}; 7 when absent)
+                               sampling defaults ({"guidance_scale": s, "grid": g}; 7 and
+                               "time", the released sampler's, where absent)
     network.safetensors        the U-ViT, our names
     autoencoder.safetensors    diffusers AutoencoderKL names
     image_encoder/             transformers CLIPVisionModelWithProjection (config.json + safetensors)
@@ -54,6 +55,7 @@ from .official import (
     load_state_dict_strict,
 )
 from .pipeline import DEFAULT_GUIDANCE_SCALE, check_guidance_scale
+from .solvers import check_grid
 
 FORMAT = "unidiffuser"
 VERSION = 1
@@ -114,6 +116,7 @@ class Components:
         network_config: the architecture of the directory's network, from its config files.
         data_type: the directory's data_type label for sampling.
         guidance_scale: the directory's default guidance scale for sampling.
+        grid: the directory's solver time grid for sampling ("time" or "logsnr").
         autoencoder, image_encoder, text_encoder, caption_decoder: the components asked for;
             None for the others.
     """
@@ -121,6 +124,7 @@ class Components:
     network_config: UViTConfig
     data_type: int = 1
     guidance_scale: float = DEFAULT_GUIDANCE_SCALE
+    grid: str = "time"
     autoencoder: Any = None
     image_encoder: Any = None
     text_encoder: Any = None
@@ -159,7 +163,12 @@ def load_pipeline(
     parts = [getattr(directory, name)() for name in COMPONENTS]
     judge = ClipScorer.from_pretrained_dir(scorer) if scorer is not None else directory.scorer()
     pipe = UniDiffuser(
-        network, *parts, data_type=directory.data_type, guidance_scale=directory.guidance_scale, scorer=judge
+        network,
+        *parts,
+        data_type=directory.data_type,
+        guidance_scale=directory.guidance_scale,
+        grid=directory.grid,
+        scorer=judge,
     )
     return pipe.to(device=torch.device(device), dtype=dtype)
 
@@ -184,7 +193,7 @@ def load_components(
     directory = model_directory(path)
     loaded = {name: getattr(directory, name)() for name in names}
     components = Components(
-        directory.network_config(), directory.data_type, directory.guidance_scale, **loaded
+        directory.network_config(), directory.data_type, directory.guidance_scale, directory.grid, **loaded
     )
     return components.to(device=torch.device(device), dtype=dtype)
 
@@ -202,6 +211,7 @@ class ModelDirectory:
 
     data_type = 1  # the released model samples curated data (v1's label 1)
     guidance_scale = DEFAULT_GUIDANCE_SCALE  # the sampling calls' default
+    grid = "time"  # the solvers' time grid, as released
 
     def __init__(self, path: Path):
         self.path = path
@@ -249,6 +259,7 @@ class OursDirectory(ModelDirectory):
             sampling.get("guidance_scale", DEFAULT_GUIDANCE_SCALE),
             f"{path / 'unidiffuser.json'}: sampling.guidance_scale",
         )
+        self.grid = check_grid(sampling.get("grid", "time"), f"{path / 'unidiffuser.json'}: sampling.grid")
 
     def network_config(self) -> UViTConfig:
         return UViTConfig.from_dict(self.meta["network"])
@@ -317,7 +328,7 @@ def save_pipeline(pipe, path: str | Path) -> None:
             "autoencoder": pipe.autoencoder.config.to_dict(),
             "caption_decoder": dec.config.to_dict(),
             "data_type": pipe.data_type,
-            "sampling": {"guidance_scale": pipe.guidance_scale},
+            "sampling": {"guidance_scale": pipe.guidance_scale, "grid": check_grid(pipe.grid, "pipe.grid")},
         }
         (tmp / "unidiffuser.json").write_text(json.dumps(meta, indent=2, default=_jsonable) + "\n")
         os.rename(tmp, path)

@@ -29,7 +29,7 @@ from .components.images import load_image, resize_and_crop, to_pil, to_tensor
 from .fast import FastNetwork, recorded_input_amax
 from .network import UViT
 from .schedule import NoiseSchedule
-from .solvers import official_orders, sample_ddim, time_uniform_grid
+from .solvers import check_grid, official_orders, sample_ddim, time_grid
 from .tasks import TASKS, TaskModel, generate, generate_chain
 
 ImageInput = Image.Image | str | Path
@@ -71,6 +71,8 @@ class UniDiffuser:
             prefers); ignored by models without that label.
         guidance_scale: the guidance scale of every call that does not give one (7, the released
             default, unless the model directory's ``unidiffuser.json`` names its own).
+        grid: the solvers' time grid for every sampling call: "time" (uniform in t, the released
+            sampler's) or "logsnr" (uniform in log-SNR); the model directory may name its own.
         scorer: a whole CLIP (components.scorer.ClipScorer) that ranks the candidates of calls
             with ``best_of`` > 1; None: such calls are refused.
     """
@@ -86,6 +88,7 @@ class UniDiffuser:
         schedule: NoiseSchedule | None = None,
         data_type: int = 1,
         guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+        grid: str = "time",
         scorer=None,
     ):
         cfg = network.config
@@ -104,6 +107,7 @@ class UniDiffuser:
         self.schedule = schedule or NoiseSchedule()
         self.data_type = data_type
         self.guidance_scale = check_guidance_scale(guidance_scale, "guidance_scale")
+        self.grid = check_grid(grid)
         img = cfg.modality("img")
         self.latent_channels, self.latent_size = img.shape[0], img.shape[1:]
         self.downsample = autoencoder.config.downsample  # 8 for KL-f8
@@ -334,7 +338,8 @@ class UniDiffuser:
             total = len(official_orders(steps)) if solver == "dpm++3s" else steps  # solver steps
             callback = lambda i, t, x: progress(i + 1, total)  # noqa: E731
         return dict(
-            steps=steps, solver=solver, guidance_scale=guidance_scale, callback=callback,
+            steps=steps, solver=solver, grid=check_grid(self.grid, "pipe.grid"), guidance_scale=guidance_scale,
+            callback=callback,
             labels=self._labels(), sizes={"img": (h // self.downsample, w // self.downsample)},
         )  # fmt: skip
 
@@ -659,10 +664,17 @@ class UniDiffuser:
         images = self.encode_images([image_a, image_b], gen)
         labels = self._labels()
         text = generate(
-            self.sampler, self.schedule, "i2t", given=images, labels=labels, steps=steps, generator=gen
+            self.sampler,
+            self.schedule,
+            "i2t",
+            given=images,
+            labels=labels,
+            steps=steps,
+            grid=self.grid,
+            generator=gen,
         )["text"]
         fn = TaskModel(self.sampler, self.schedule, TASKS["t2i"], given={"text": text}, labels=labels)
-        grid = time_uniform_grid(steps)  # 1 -> 1e-3
+        grid = time_grid(self.schedule, steps, check_grid(self.grid, "pipe.grid"))  # 1 -> 1e-3
         noise = fn.layout.unpack(sample_ddim(fn, fn.layout.pack(images), grid.flip(0), self.schedule))
         weights = torch.linspace(0, 1, frames)
         x_T = {k: torch.stack([_slerp(v[0], v[1], float(w)) for w in weights]) for k, v in noise.items()}

@@ -110,6 +110,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise SystemExit(f"unidiffuser sample: {err}") from None
     if args.guidance is None:
         args.guidance = pipe.guidance_scale  # the model's own, and so it is in the settings file
+    if args.grid is None:
+        args.grid = pipe.grid  # likewise
+    pipe.grid = args.grid
     apply_speed_arguments(pipe, args, args.steps)
 
     solver_steps = len(official_orders(args.steps)) if args.solver == "dpm++3s" else args.steps
@@ -195,6 +198,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     from .cli import HelpFormatter, nonnegative_float, positive_int
+    from .solvers import GRIDS
 
     fmt = HelpFormatter
     p = sub.add_parser(
@@ -226,6 +230,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument(f"--{side}", type=positive_int, default=None,
                        help=f"image {side} in pixels (multiple of 16); left out: the model's own")  # fmt: skip
     p.add_argument("--solver", choices=("dpm++3s", "dpm++2m", "ddim"), default="dpm++3s", help="ODE solver")
+    p.add_argument(
+        "--grid", choices=GRIDS, default=None,
+        help="the solver's time grid: uniform in t (time, as released) or in log-SNR; left out: the model's own",
+    )  # fmt: skip
     p.add_argument(
         "--best-of", type=positive_int, default=1, metavar="K",
         help="draw K samples for each one written and keep the one a CLIP scorer finds nearest its prompt or "

@@ -18,6 +18,7 @@ ModelFn = Callable[[Tensor, float], Tensor]  # (x, t) -> predicted noise, shaped
 Callback = Callable[[int, float, Tensor], None]  # (step index, time reached, state)
 
 SOLVERS = ("dpm++2m", "dpm++3s", "ddim")
+GRIDS = ("time", "logsnr")  # uniform in t (as released), uniform in log-SNR
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,6 +52,25 @@ def logsnr_grid(schedule: NoiseSchedule, steps: int, t_start: float = 1.0, t_end
     ts = schedule.inverse_lambda(lam)
     ts[0], ts[-1] = t_start, t_end  # exact end points
     return ts
+
+
+def check_grid(grid, where: str = "grid") -> str:
+    """``grid`` if it names one of ``GRIDS``, else a ValueError that says what ``where`` holds."""
+    if grid not in GRIDS:
+        raise ValueError(
+            f"{where}={grid!r}: expected 'time' (uniform in t, the released sampler's) or 'logsnr' "
+            "(uniform in log-SNR, more steps near the clean end)"
+        )
+    return grid
+
+
+def time_grid(
+    schedule: NoiseSchedule, steps: int, grid: str = "time", t_start: float = 1.0, t_end: float = 1e-3
+) -> Tensor:
+    """steps + 1 times from t_start down to t_end on the named grid (``GRIDS``)."""
+    if check_grid(grid) == "time":
+        return time_uniform_grid(steps, t_start, t_end)
+    return logsnr_grid(schedule, steps, t_start, t_end)
 
 
 def official_orders(evaluations: int) -> list[int]:
@@ -233,9 +253,7 @@ def sample(
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver={solver!r}: expected one of {SOLVERS}")
-    if grid not in ("time", "logsnr"):
-        raise ValueError(f"grid={grid!r}: expected 'time' or 'logsnr'")
-    ts = time_uniform_grid(steps, 1.0, t_end) if grid == "time" else logsnr_grid(schedule, steps, 1.0, t_end)
+    ts = time_grid(schedule, steps, grid, 1.0, t_end)
     if solver == "dpm++3s":
         return sample_dpmpp_singlestep(model_fn, x, ts, schedule, official_orders(steps), callback=callback)
     if solver == "ddim":

@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from ..solvers import SOLVERS
+from ..solvers import GRIDS, SOLVERS
 from .evaluate import TASKS
 from .recipe import PRESETS, STAGES, recipe_options
 
@@ -68,6 +68,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         pipe = UniDiffuser.from_pretrained(model, device=device)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"unidiffuser eval: --model {args.model}: {err}") from None
+    if args.grid is not None:
+        pipe.grid = args.grid
     if args.best_of > 1 and pipe.scorer is None:
         raise SystemExit(
             f"unidiffuser eval: --best-of {args.best_of}: the model {model} has no scorer/ folder (a whole "
@@ -92,7 +94,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         f", each ranked sample the best of {args.best_of} by the model's scorer" if args.best_of > 1 else ""
     )
     settings = (
-        f"{args.samples} samples per row, {args.steps} steps of {args.solver}, seed {args.seed}{ranked}"
+        f"{args.samples} samples per row, {args.steps} steps of {args.solver} on the {pipe.grid} grid, "
+        f"seed {args.seed}{ranked}"
     )
     print(f"\n{settings}: {seconds:.0f} s", file=sys.stderr)
     if args.out:
@@ -162,6 +165,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help=f"score only these tasks' rows ({', '.join(TASKS)})",
     )  # fmt: skip
     e.add_argument("--solver", choices=SOLVERS, default="dpm++3s", help="ODE solver (the pipeline's default)")
+    e.add_argument(
+        "--grid", choices=GRIDS, default=None,
+        help="the solver's time grid: uniform in t (time) or in log-SNR; left out: the model's own",
+    )  # fmt: skip
     e.add_argument(
         "--best-of", type=positive_int, default=1, metavar="K",
         help="score best-of sampling: each conditional and joint sample the best of K candidates by the "

@@ -333,6 +333,7 @@ def write_samples(
         components.caption_decoder,
         data_type=components.data_type,
         guidance_scale=components.guidance_scale,
+        grid=components.grid,
     )
     prompts = list(prompts)
     t2i = pipe.text_to_image(prompts, steps=steps, seed=seed)
