@@ -254,6 +254,7 @@ def test_set_refuses_what_is_no_option(pairs, message):
         ),
         ({"image_size": 40, "uvit_image_tokens": 4}, r"latent \(10 a side\) .*; use one of \[1, 2, 5, 10\]"),
         ({"image_size": 66}, r"image_size=66: expected a multiple of 4"),
+        ({"grid": "karras"}, r"grid='karras': expected 'time' .* or 'logsnr'"),
     ],
 )
 def test_a_recipe_refuses_bad_options_before_any_stage_runs(options, message):
@@ -286,6 +287,7 @@ def test_the_model_has_the_worlds_sizes_and_samples(smoke_run):
     _, model, _ = smoke_run
     pipe = UniDiffuser.from_pretrained(model)
     assert pipe.default_size == (64, 64)
+    assert (pipe.guidance_scale, pipe.grid) == (3.0, "logsnr")  # the recipe's sampling defaults
     assert pipe.network.config.modality("text").shape == (24, 16)  # the world's context, the decoder's latent
     assert pipe.text_encoder.max_length == 24
     out = pipe.image_to_text(render(sample_scene(0), 64), steps=2)
