@@ -410,7 +410,12 @@ def test_demo_writes_a_gallery_of_every_mode(smoke_run, tmp_path, capsys):
     for name in names:
         assert (tmp_path / f"{name}.png").stat().st_size > 0
         assert f"src='{name}.png'" in page
+    assert "2 steps (logsnr grid), guidance scale 3," in page  # the model's own settings
     assert "wrote" in capsys.readouterr().out
+    assert (
+        main(["demo", "--model", str(model), "--out", str(tmp_path), "--steps", "2", "--grid", "time"]) == 0
+    )
+    assert "2 steps (time grid)" in (tmp_path / "index.html").read_text()
 
 
 def test_the_vae_loss_weighs_object_pixels():

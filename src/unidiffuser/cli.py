@@ -104,6 +104,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         pipe = UniDiffuser.from_pretrained(args.model if args.model is not None else shipped_model_dir())
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"unidiffuser demo: {err}") from None
+    if args.grid is not None:
+        pipe.grid = args.grid
     page = write_gallery(pipe, args.out, steps=args.steps, guidance_scale=args.guidance, seed=args.seed)
     print(f"wrote {page} in {time.perf_counter() - start:.0f} s: open it in a browser")
     return 0
@@ -135,6 +137,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .solvers import GRIDS
+
     parser = argparse.ArgumentParser(
         prog="unidiffuser",
         description="UniDiffuser: one transformer for every distribution of multi-modal data.",
@@ -153,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=positive_int, default=20, help="solver steps per sample")
     demo.add_argument(
         "--guidance", type=nonnegative_float, default=None, help="guidance scale (default: the model's own)"
+    )
+    demo.add_argument(
+        "--grid", choices=GRIDS, default=None, help="the solver's time grid (default: the model's own)"
     )
     demo.add_argument("--seed", type=int, default=0, help="seed of all noise")
     demo.set_defaults(func=cmd_demo)

@@ -128,18 +128,19 @@ def write_gallery(
 
     page = out / "index.html"
     tmp = page.with_name("index.html.tmp")
-    tmp.write_text(_page(sections, steps, guidance_scale, seed))
+    tmp.write_text(_page(sections, steps, pipe.grid, guidance_scale, seed))
     tmp.replace(page)
     return page
 
 
-def _page(sections: list[Section], steps: int, guidance_scale: float, seed: int) -> str:
+def _page(sections: list[Section], steps: int, grid: str, guidance_scale: float, seed: int) -> str:
     e = html.escape
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>unidiffuser gallery</title>",
         "<style>body{font-family:sans-serif;max-width:960px;margin:2em auto}img{image-rendering:pixelated;"
         "max-width:100%}section{margin-bottom:2em}li{font-family:monospace}</style></head><body>",
-        f"<h1>unidiffuser gallery</h1><p>{steps} steps, guidance scale {guidance_scale:g}, seed {seed}.</p>",
+        f"<h1>unidiffuser gallery</h1><p>{steps} steps ({e(grid)} grid), guidance scale {guidance_scale:g}, "
+        f"seed {seed}.</p>",
     ]
     for s in sections:
         parts.append(f"<section id='{s.name}'><h2>{e(s.title)}</h2><p>{e(s.note)} ({s.seconds:.1f} s)</p>")
