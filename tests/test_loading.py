@@ -231,6 +231,13 @@ def test_sample_refuses_a_bad_size_before_any_speed_setup(release_dir, monkeypat
         main(["sample", "--model", str(release_dir), *args])
 
 
+def sample_settings(model: Path, out: Path, *extra: str) -> dict:
+    """The settings file of a two-step ``unidiffuser sample`` t2i run of ``model``."""
+    args = ["sample", "--model", str(model), "--prompt", "a cat", "--steps", "2", "--out", str(out), *extra]
+    assert main(args) == 0
+    return json.loads((out / "t2i_settings.json").read_text())
+
+
 def test_the_model_directory_carries_its_default_guidance(pipe, image, tmp_path):
     assert pipe.guidance_scale == 7.0  # the released default, when nothing says otherwise
     own = UniDiffuser(
@@ -248,20 +255,7 @@ def test_the_model_directory_carries_its_default_guidance(pipe, image, tmp_path)
     released = again.text_to_image("a red circle", steps=3, seed=2, guidance_scale=7.0, return_latents=True)
     assert torch.equal(left_out, named.latents["img"])
     assert not torch.allclose(left_out, released.latents["img"])
-    out = tmp_path / "samples"
-    args = [
-        "sample",
-        "--model",
-        str(tmp_path / "own"),
-        "--prompt",
-        "a cat",
-        "--steps",
-        "2",
-        "--out",
-        str(out),
-    ]
-    assert main(args) == 0
-    assert json.loads((out / "t2i_settings.json").read_text())["guidance"] == 2.5
+    assert sample_settings(tmp_path / "own", tmp_path / "samples")["guidance"] == 2.5
     # a file written before the field existed loads with the released default
     del meta["sampling"]
     shutil.copytree(tmp_path / "own", tmp_path / "older")
@@ -318,24 +312,8 @@ def test_the_model_directory_carries_its_time_grid(pipe, image, tmp_path, monkey
     monkeypatch.undo()
 
     # the command line samples at the model's grid unless --grid names another, and records it
-    def settings(*extra):
-        out = tmp_path / "samples"
-        args = [
-            "sample",
-            "--model",
-            str(tmp_path / "own"),
-            "--prompt",
-            "a cat",
-            "--steps",
-            "2",
-            "--out",
-            str(out),
-        ]
-        assert main([*args, *extra]) == 0
-        return json.loads((out / "t2i_settings.json").read_text())["grid"]
-
-    assert settings() == "logsnr"
-    assert settings("--grid", "time") == "time"
+    assert sample_settings(tmp_path / "own", tmp_path / "samples")["grid"] == "logsnr"
+    assert sample_settings(tmp_path / "own", tmp_path / "samples", "--grid", "time")["grid"] == "time"
     # a file written before the field existed loads with the released grid; a bad one is refused
     del meta["sampling"]["grid"]
     shutil.copytree(tmp_path / "own", tmp_path / "older")
