@@ -126,6 +126,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_grid_option(parser: argparse.ArgumentParser) -> None:
+    """``--grid``: the solver's time grid of every sampling call; left out, the model's own."""
+    from .solvers import GRIDS
+
+    parser.add_argument(
+        "--grid", choices=GRIDS, default=None,
+        help="the solver's time grid: uniform in t (time, as released) or in log-SNR (logsnr); left out: "
+        "the model's own",
+    )  # fmt: skip
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Every command's help: an option's default follows its help, except a default of None,
     whose meaning (the model's own, the shipped model, ...) the help says in words."""
@@ -137,8 +148,6 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .solvers import GRIDS
-
     parser = argparse.ArgumentParser(
         prog="unidiffuser",
         description="UniDiffuser: one transformer for every distribution of multi-modal data.",
@@ -158,9 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--guidance", type=nonnegative_float, default=None, help="guidance scale (default: the model's own)"
     )
-    demo.add_argument(
-        "--grid", choices=GRIDS, default=None, help="the solver's time grid (default: the model's own)"
-    )
+    add_grid_option(demo)
     demo.add_argument("--seed", type=int, default=0, help="seed of all noise")
     demo.set_defaults(func=cmd_demo)
 

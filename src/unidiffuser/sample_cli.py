@@ -197,8 +197,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from .cli import HelpFormatter, nonnegative_float, positive_int
-    from .solvers import GRIDS
+    from .cli import HelpFormatter, add_grid_option, nonnegative_float, positive_int
 
     fmt = HelpFormatter
     p = sub.add_parser(
@@ -230,10 +229,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument(f"--{side}", type=positive_int, default=None,
                        help=f"image {side} in pixels (multiple of 16); left out: the model's own")  # fmt: skip
     p.add_argument("--solver", choices=("dpm++3s", "dpm++2m", "ddim"), default="dpm++3s", help="ODE solver")
-    p.add_argument(
-        "--grid", choices=GRIDS, default=None,
-        help="the solver's time grid: uniform in t (time, as released) or in log-SNR; left out: the model's own",
-    )  # fmt: skip
+    add_grid_option(p)
     p.add_argument(
         "--best-of", type=positive_int, default=1, metavar="K",
         help="draw K samples for each one written and keep the one a CLIP scorer finds nearest its prompt or "

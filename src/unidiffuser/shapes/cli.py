@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from ..solvers import GRIDS, SOLVERS
+from ..solvers import SOLVERS
 from .evaluate import TASKS
 from .recipe import PRESETS, STAGES, recipe_options
 
@@ -109,7 +109,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..cli import HelpFormatter, nonnegative_float, positive_int
+    from ..cli import HelpFormatter, add_grid_option, nonnegative_float, positive_int
 
     fmt = HelpFormatter
     r = sub.add_parser(
@@ -165,10 +165,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help=f"score only these tasks' rows ({', '.join(TASKS)})",
     )  # fmt: skip
     e.add_argument("--solver", choices=SOLVERS, default="dpm++3s", help="ODE solver (the pipeline's default)")
-    e.add_argument(
-        "--grid", choices=GRIDS, default=None,
-        help="the solver's time grid: uniform in t (time) or in log-SNR; left out: the model's own",
-    )  # fmt: skip
+    add_grid_option(e)
     e.add_argument(
         "--best-of", type=positive_int, default=1, metavar="K",
         help="score best-of sampling: each conditional and joint sample the best of K candidates by the "
