@@ -328,7 +328,7 @@ def save_pipeline(pipe, path: str | Path) -> None:
             "autoencoder": pipe.autoencoder.config.to_dict(),
             "caption_decoder": dec.config.to_dict(),
             "data_type": pipe.data_type,
-            "sampling": {"guidance_scale": pipe.guidance_scale, "grid": check_grid(pipe.grid, "pipe.grid")},
+            "sampling": {"guidance_scale": pipe.guidance_scale, "grid": pipe.grid},
         }
         (tmp / "unidiffuser.json").write_text(json.dumps(meta, indent=2, default=_jsonable) + "\n")
         os.rename(tmp, path)

@@ -107,7 +107,7 @@ class UniDiffuser:
         self.schedule = schedule or NoiseSchedule()
         self.data_type = data_type
         self.guidance_scale = check_guidance_scale(guidance_scale, "guidance_scale")
-        self.grid = check_grid(grid)
+        self.grid = grid
         img = cfg.modality("img")
         self.latent_channels, self.latent_size = img.shape[0], img.shape[1:]
         self.downsample = autoencoder.config.downsample  # 8 for KL-f8
@@ -115,6 +115,15 @@ class UniDiffuser:
         self._fast: FastNetwork | None = None
         self._fast_captions: bool | None = None  # enable_fast_sampling's choice; None: automatic
         self._compile_captions = False
+
+    @property
+    def grid(self) -> str:
+        """The solvers' time grid of every sampling call: "time" or "logsnr" (checked when set)."""
+        return self._grid
+
+    @grid.setter
+    def grid(self, value: str) -> None:
+        self._grid = check_grid(value, "pipe.grid")
 
     # -- loading --------------------------------------------------------------------------------
 
@@ -338,8 +347,7 @@ class UniDiffuser:
             total = len(official_orders(steps)) if solver == "dpm++3s" else steps  # solver steps
             callback = lambda i, t, x: progress(i + 1, total)  # noqa: E731
         return dict(
-            steps=steps, solver=solver, grid=check_grid(self.grid, "pipe.grid"), guidance_scale=guidance_scale,
-            callback=callback,
+            steps=steps, solver=solver, grid=self.grid, guidance_scale=guidance_scale, callback=callback,
             labels=self._labels(), sizes={"img": (h // self.downsample, w // self.downsample)},
         )  # fmt: skip
 
@@ -674,7 +682,7 @@ class UniDiffuser:
             generator=gen,
         )["text"]
         fn = TaskModel(self.sampler, self.schedule, TASKS["t2i"], given={"text": text}, labels=labels)
-        grid = time_grid(self.schedule, steps, check_grid(self.grid, "pipe.grid"))  # 1 -> 1e-3
+        grid = time_grid(self.schedule, steps, self.grid)  # 1 -> 1e-3
         noise = fn.layout.unpack(sample_ddim(fn, fn.layout.pack(images), grid.flip(0), self.schedule))
         weights = torch.linspace(0, 1, frames)
         x_T = {k: torch.stack([_slerp(v[0], v[1], float(w)) for w in weights]) for k, v in noise.items()}
