@@ -126,15 +126,30 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_grid_option(parser: argparse.ArgumentParser) -> None:
-    """``--grid``: the solver's time grid of every sampling call; left out, the model's own."""
-    from .solvers import GRIDS
+def add_solver_options(parser: argparse.ArgumentParser, *, solver: bool = True) -> None:
+    """``--solver`` (unless ``solver`` is False) and ``--grid``: how every sampling call integrates.
 
+    The grid left out is the model's own (``sampling.grid`` in its unidiffuser.json).
+    """
+    from .solvers import GRIDS, SOLVERS
+
+    if solver:
+        parser.add_argument("--solver", choices=SOLVERS, default="dpm++3s", help="ODE solver")
     parser.add_argument(
         "--grid", choices=GRIDS, default=None,
         help="the solver's time grid: uniform in t (time, as released) or in log-SNR (logsnr); left out: "
         "the model's own",
     )  # fmt: skip
+
+
+def add_scorer_option(parser: argparse.ArgumentParser, use: str, left_out: str) -> None:
+    """``--scorer DIR``: a whole CLIP checkpoint (transformers layout) that ranks best-of sampling."""
+    parser.add_argument(
+        "--scorer",
+        default=None,
+        metavar="DIR",
+        help=f"a whole CLIP checkpoint (transformers layout) {use}; left out: {left_out}",
+    )
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -167,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--guidance", type=nonnegative_float, default=None, help="guidance scale (default: the model's own)"
     )
-    add_grid_option(demo)
+    add_solver_options(demo, solver=False)
     demo.add_argument("--seed", type=int, default=0, help="seed of all noise")
     demo.set_defaults(func=cmd_demo)
 

@@ -197,7 +197,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from .cli import HelpFormatter, add_grid_option, nonnegative_float, positive_int
+    from .cli import HelpFormatter, add_scorer_option, add_solver_options, nonnegative_float, positive_int
 
     fmt = HelpFormatter
     p = sub.add_parser(
@@ -228,19 +228,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     for side in ("height", "width"):
         p.add_argument(f"--{side}", type=positive_int, default=None,
                        help=f"image {side} in pixels (multiple of 16); left out: the model's own")  # fmt: skip
-    p.add_argument("--solver", choices=("dpm++3s", "dpm++2m", "ddim"), default="dpm++3s", help="ODE solver")
-    add_grid_option(p)
+    add_solver_options(p)
     p.add_argument(
         "--best-of", type=positive_int, default=1, metavar="K",
         help="draw K samples for each one written and keep the one a CLIP scorer finds nearest its prompt or "
         "image (joint: its own picture and caption nearest each other); K times the work; "
         f"modes {', '.join(RANKED)}",
     )  # fmt: skip
-    p.add_argument(
-        "--scorer", default=None, metavar="DIR",
-        help="a whole CLIP checkpoint (transformers layout) to rank --best-of with; left out: the model's own "
-        "scorer/ folder (the shipped model has one)",
-    )  # fmt: skip
+    add_scorer_option(
+        p, "to rank --best-of with", "the model's own scorer/ folder (the shipped model has one)"
+    )
     p.add_argument("--data-type", type=int, choices=(0, 1), default=1, help="v1 data_type: 1 curated, 0 web")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     add_speed_arguments(p)
@@ -257,9 +254,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--dtype", choices=DTYPES, default="fp32",
         help="weights dtype of the written files (loading casts them to the dtype asked for)",
     )  # fmt: skip
-    c.add_argument(
-        "--scorer", default=None, metavar="DIR",
-        help="a whole CLIP checkpoint to write as the model's scorer/ (ranks best-of sampling); left out: "
-        "the source's own, if it has one",
-    )  # fmt: skip
+    add_scorer_option(
+        c, "to write as the model's scorer/ (ranks best-of sampling)", "the source's own, if it has one"
+    )
     c.set_defaults(func=cmd_convert)

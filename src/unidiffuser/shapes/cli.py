@@ -6,7 +6,6 @@ import argparse
 import sys
 import time
 
-from ..solvers import SOLVERS
 from .evaluate import TASKS
 from .recipe import PRESETS, STAGES, recipe_options
 
@@ -109,7 +108,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..cli import HelpFormatter, add_grid_option, nonnegative_float, positive_int
+    from ..cli import HelpFormatter, add_solver_options, nonnegative_float, positive_int
 
     fmt = HelpFormatter
     r = sub.add_parser(
@@ -164,8 +163,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--tasks", nargs="+", choices=TASKS, default=list(TASKS), metavar="TASK",
         help=f"score only these tasks' rows ({', '.join(TASKS)})",
     )  # fmt: skip
-    e.add_argument("--solver", choices=SOLVERS, default="dpm++3s", help="ODE solver (the pipeline's default)")
-    add_grid_option(e)
+    add_solver_options(e)
     e.add_argument(
         "--best-of", type=positive_int, default=1, metavar="K",
         help="score best-of sampling: each conditional and joint sample the best of K candidates by the "
