@@ -208,6 +208,55 @@ def test_convert_then_sample_from_the_command_line(release_dir, image, tmp_path,
     assert len(captions) == 1 and captions[0] in capsys.readouterr().out
 
 
+def test_interpolation_from_the_command_line(release_dir, image, tmp_path):
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    image.save(a)
+    image.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(b)
+    out = tmp_path / "samples"
+    args = ["sample", "--model", str(release_dir), "--mode", "interp", "--image", str(a), "--image", str(b)]
+    assert main([*args, "--frames", "3", "--steps", "3", "--out", str(out)]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [f"interp_00{i}.png" for i in range(3)] + ["interp_grid.png", "interp_settings.json"]
+    settings = json.loads((out / "interp_settings.json").read_text())
+    assert settings["frames"] == 3 and settings["image"] == [str(a), str(b)]
+    # the files are the pipeline's frames, ends included
+    pipe = UniDiffuser.from_pretrained(release_dir)
+    frames = pipe.interpolate(str(a), str(b), frames=3, steps=3, seed=0).images
+    for i, frame in enumerate(frames):
+        assert np.array_equal(np.asarray(Image.open(out / f"interp_00{i}.png")), np.asarray(frame))
+    assert not np.array_equal(np.asarray(frames[0]), np.asarray(frames[2]))
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ([], "--mode interp joins exactly two --image \\(got 1\\)"),
+        (["--image", "{a}", "-n", "2"], "-n does not apply"),
+        (["--image", "{a}", "--guidance", "3"], "leave out --guidance"),
+        (["--image", "{a}", "--frames", "1"], "frames=1: expected an integer >= 2"),
+    ],
+)
+def test_interpolation_argument_errors(release_dir, image, tmp_path, extra, message):
+    a = tmp_path / "a.png"
+    image.save(a)
+    extra = [e.format(a=a) for e in extra]
+    with pytest.raises(SystemExit, match=message):
+        main(
+            [
+                "sample",
+                "--model",
+                str(release_dir),
+                "--mode",
+                "interp",
+                "--image",
+                str(a),
+                *extra,
+                "--steps",
+                "2",
+            ]
+        )
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

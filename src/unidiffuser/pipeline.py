@@ -692,10 +692,11 @@ class UniDiffuser:
         return self._finish({"img": out["img"]}, return_latents)
 
     def __call__(self, mode: str, **kwargs) -> Output:
-        """Dispatch by mode name: t2i, i2t, joint, i, t, i2t2i, t2i2t."""
+        """Dispatch by mode name: t2i, i2t, joint, i, t, i2t2i, t2i2t, interp."""
         methods = {
             "t2i": self.text_to_image, "i2t": self.image_to_text, "joint": self.joint, "i": self.image,
             "t": self.text, "i2t2i": self.image_variation, "t2i2t": self.text_variation,
+            "interp": self.interpolate,
         }  # fmt: skip
         if mode not in methods:
             raise ValueError(f"mode={mode!r}: expected one of {sorted(methods)}")

@@ -10,7 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-MODES = ("t2i", "i2t", "joint", "i", "t", "i2t2i", "t2i2t")
+MODES = ("t2i", "i2t", "joint", "i", "t", "i2t2i", "t2i2t", "interp")
 NEEDS_PROMPT = ("t2i", "t2i2t")
 NEEDS_IMAGE = ("i2t", "i2t2i")
 RANKED = ("t2i", "i2t", "joint", "i2t2i", "t2i2t")  # the modes --best-of ranks: each output has a reference
@@ -85,6 +85,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
     for image in args.image or []:
         if not Path(image).is_file():
             raise SystemExit(f"unidiffuser sample: --image {image}: no such file")
+    if args.mode == "interp":
+        if len(args.image or []) != 2:
+            got = len(args.image or [])
+            raise SystemExit(f"unidiffuser sample: --mode interp joins exactly two --image (got {got})")
+        if args.num_samples != 1:
+            raise SystemExit(
+                "unidiffuser sample: --mode interp draws one path of --frames pictures; -n does not apply"
+            )
+        if args.guidance is not None:
+            raise SystemExit(
+                "unidiffuser sample: --mode interp samples unguided (guidance would break the inversion); "
+                "leave out --guidance"
+            )
     if args.best_of > 1 and args.mode not in RANKED:
         raise SystemExit(
             f"unidiffuser sample: --best-of ranks samples against their prompt, image or other half; "
@@ -116,8 +129,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     apply_speed_arguments(pipe, args, args.steps)
 
     solver_steps = len(official_orders(args.steps)) if args.solver == "dpm++3s" else args.steps
-    # A sampling loop captured as one CUDA graph has no steps to report: no bar then.
-    loops = isinstance(pipe.sampler, FastNetwork) and pipe.sampler.captures_loops
+    # A sampling loop captured as one CUDA graph has no steps to report: no bar then; nor has
+    # interpolation (a caption, an inversion and the way back).
+    loops = (isinstance(pipe.sampler, FastNetwork) and pipe.sampler.captures_loops) or args.mode == "interp"
     bar = tqdm(total=solver_steps, desc=args.mode, unit="step", file=sys.stderr, disable=loops)
 
     def advance(done: int, total: int) -> None:
@@ -144,6 +158,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
             out = pipe.text(progress=progress, **common)
         elif args.mode == "i2t2i":
             out = pipe.image_variation(args.image, guidance_scale=args.guidance, **ranked)
+        elif args.mode == "interp":
+            out = pipe.interpolate(*args.image, frames=args.frames, steps=args.steps, seed=args.seed)
         else:
             out = pipe.text_variation(args.prompt, guidance_scale=args.guidance, **ranked)
     except ValueError as err:
@@ -209,12 +225,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="model directory (ours, the release files, or diffusers layout); the shipped shapes model if left out",
     )  # fmt: skip
     p.add_argument(
-        "--mode", choices=MODES, default="t2i", help="task: text to image, image to text, joint, ..."
-    )
+        "--mode", choices=MODES, default="t2i",
+        help="task: t2i text to image, i2t image to text, joint, i image, t text, i2t2i image variation, "
+        "t2i2t text variation, interp pictures between two --image",
+    )  # fmt: skip
     p.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     p.add_argument("--image", action="append", help="an image file (repeat for several)")
     p.add_argument("-n", "--num-samples", type=positive_int, default=1, help="samples per prompt or image")
     p.add_argument("--steps", type=positive_int, default=50, help="model evaluations of the solver")
+    p.add_argument(
+        "--frames", type=positive_int, default=5,
+        help="interp: pictures from the first --image to the second, both included (DDIM inversion and "
+        "back, unguided: --solver, --guidance and --best-of do not apply)",
+    )  # fmt: skip
     p.add_argument(
         "--guidance", type=nonnegative_float, default=None,
         help="guidance scale s (default: the model's own, 7 for the released weights)",
