@@ -232,7 +232,7 @@ def test_interpolation_from_the_command_line(release_dir, image, tmp_path):
     [
         ([], "--mode interp joins exactly two --image \\(got 1\\)"),
         (["--image", "{a}", "-n", "2"], "-n does not apply"),
-        (["--image", "{a}", "--guidance", "3"], "leave out --guidance"),
+        (["--image", "{a}", "--guidance", "3"], "--guidance does not apply to --mode interp"),
         (["--image", "{a}", "--frames", "1"], "frames=1: expected an integer >= 2"),
     ],
 )
@@ -263,6 +263,15 @@ def test_interpolation_argument_errors(release_dir, image, tmp_path, extra, mess
         (["--mode", "t2i"], "--mode t2i needs at least one --prompt"),
         (["--mode", "i2t"], "--mode i2t needs at least one --image"),
         (["--mode", "i2t", "--image", "missing.png"], "--image missing.png: no such file"),
+        (
+            ["--mode", "i2t", "--prompt", "a cat"],
+            "--prompt does not apply to --mode i2t \\(it is for t2i, t2i2t\\)",
+        ),
+        (["--mode", "t2i", "--prompt", "a", "--image", "b.png"], "--image does not apply to --mode t2i"),
+        (["--mode", "i2t", "--negative-prompt", "a"], "--negative-prompt does not apply to --mode i2t"),
+        (["--mode", "t", "--guidance", "3"], "--guidance does not apply to --mode t "),
+        (["--mode", "i2t2i", "--height", "64"], "--height does not apply to --mode i2t2i"),
+        (["--mode", "t2i", "--prompt", "a", "--frames", "3"], "--frames does not apply to --mode t2i"),
     ],
 )
 def test_sample_argument_errors(release_dir, args, message):

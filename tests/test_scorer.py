@@ -104,6 +104,6 @@ def test_sample_best_of_from_the_command_line(tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"--best-of 3 needs a CLIP scorer.*--scorer DIR"):
         main([*common, "--model", str(tmp_path / "bare"), "--best-of", "3"])
     with pytest.raises(SystemExit, match=r"--mode i has none to rank against"):
-        main([*common, "--model", str(tmp_path / "judged"), "--mode", "i", "--best-of", "2"])
+        main(["sample", "--model", str(tmp_path / "judged"), "--mode", "i", "--best-of", "2", "--steps", "2"])
     assert main([*common, "--model", str(tmp_path / "judged"), "-n", "2", "--best-of", "3"]) == 0
     assert sorted(p.name for p in (tmp_path / "out").glob("t2i_0*.png")) == ["t2i_000.png", "t2i_001.png"]

@@ -14,6 +14,16 @@ MODES = ("t2i", "i2t", "joint", "i", "t", "i2t2i", "t2i2t", "interp")
 NEEDS_PROMPT = ("t2i", "t2i2t")
 NEEDS_IMAGE = ("i2t", "i2t2i")
 RANKED = ("t2i", "i2t", "joint", "i2t2i", "t2i2t")  # the modes --best-of ranks: each output has a reference
+# The modes each option is for; any other mode refuses it rather than leave it unused.
+USED_BY = {
+    "prompt": NEEDS_PROMPT,
+    "image": (*NEEDS_IMAGE, "interp"),
+    "negative_prompt": ("t2i",),
+    "height": ("t2i", "joint", "i"),
+    "width": ("t2i", "joint", "i"),
+    "guidance": RANKED,  # the unconditional modes have nothing to guide; interpolation must not be guided
+    "frames": ("interp",),
+}
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -78,6 +88,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .shipped import shipped_model_dir
     from .solvers import official_orders
 
+    for name, modes in USED_BY.items():
+        if getattr(args, name) is not None and args.mode not in modes:
+            option = "--" + name.replace("_", "-")
+            raise SystemExit(
+                f"unidiffuser sample: {option} does not apply to --mode {args.mode} (it is for "
+                f"{', '.join(modes)}); leave it out"
+            )
     if args.mode in NEEDS_PROMPT and not args.prompt:
         raise SystemExit(f"unidiffuser sample: --mode {args.mode} needs at least one --prompt")
     if args.mode in NEEDS_IMAGE and not args.image:
@@ -92,11 +109,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if args.num_samples != 1:
             raise SystemExit(
                 "unidiffuser sample: --mode interp draws one path of --frames pictures; -n does not apply"
-            )
-        if args.guidance is not None:
-            raise SystemExit(
-                "unidiffuser sample: --mode interp samples unguided (guidance would break the inversion); "
-                "leave out --guidance"
             )
     if args.best_of > 1 and args.mode not in RANKED:
         raise SystemExit(
@@ -159,7 +171,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         elif args.mode == "i2t2i":
             out = pipe.image_variation(args.image, guidance_scale=args.guidance, **ranked)
         elif args.mode == "interp":
-            out = pipe.interpolate(*args.image, frames=args.frames, steps=args.steps, seed=args.seed)
+            frames = 5 if args.frames is None else args.frames
+            out = pipe.interpolate(*args.image, frames=frames, steps=args.steps, seed=args.seed)
         else:
             out = pipe.text_variation(args.prompt, guidance_scale=args.guidance, **ranked)
     except ValueError as err:
@@ -234,9 +247,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-n", "--num-samples", type=positive_int, default=1, help="samples per prompt or image")
     p.add_argument("--steps", type=positive_int, default=50, help="model evaluations of the solver")
     p.add_argument(
-        "--frames", type=positive_int, default=5,
-        help="interp: pictures from the first --image to the second, both included (DDIM inversion and "
-        "back, unguided: --solver, --guidance and --best-of do not apply)",
+        "--frames", type=positive_int, default=None,
+        help="interp: pictures from the first --image to the second, both included; left out: 5 (DDIM "
+        "inversion and back, unguided: --solver does not apply)",
     )  # fmt: skip
     p.add_argument(
         "--guidance", type=nonnegative_float, default=None,
