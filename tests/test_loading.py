@@ -225,6 +225,8 @@ def test_interpolation_from_the_command_line(release_dir, image, tmp_path):
     for i, frame in enumerate(frames):
         assert np.array_equal(np.asarray(Image.open(out / f"interp_00{i}.png")), np.asarray(frame))
     assert not np.array_equal(np.asarray(frames[0]), np.asarray(frames[2]))
+    grid = Image.open(out / "interp_grid.png")
+    assert grid.width > 2 * grid.height  # the path as one row
 
 
 @pytest.mark.parametrize(

@@ -193,7 +193,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         files.append(path.name)
     if out.images:
         captions = out.texts if len(out.texts) == len(out.images) else None
-        grid = make_grid(out.images, captions)
+        columns = {"columns": len(out.images)} if args.mode == "interp" else {}  # a path reads as one row
+        grid = make_grid(out.images, captions, **columns)
         path = out_dir / f"{args.mode}_grid.png"
         _atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
         files.append(path.name)
