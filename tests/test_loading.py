@@ -219,6 +219,7 @@ def test_interpolation_from_the_command_line(release_dir, image, tmp_path):
     assert names == [f"interp_00{i}.png" for i in range(3)] + ["interp_grid.png", "interp_settings.json"]
     settings = json.loads((out / "interp_settings.json").read_text())
     assert settings["frames"] == 3 and settings["image"] == [str(a), str(b)]
+    assert settings["guidance"] is None  # unguided, whatever the model's own scale
     # the files are the pipeline's frames, ends included
     pipe = UniDiffuser.from_pretrained(release_dir)
     frames = pipe.interpolate(str(a), str(b), frames=3, steps=3, seed=0).images

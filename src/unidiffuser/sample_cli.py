@@ -110,6 +110,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
             raise SystemExit(
                 "unidiffuser sample: --mode interp draws one path of --frames pictures; -n does not apply"
             )
+        if args.frames is None:
+            args.frames = 5  # and so it is in the settings file
     if args.best_of > 1 and args.mode not in RANKED:
         raise SystemExit(
             f"unidiffuser sample: --best-of ranks samples against their prompt, image or other half; "
@@ -133,7 +135,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         pipe.check_size(args.height, args.width)
     except ValueError as err:
         raise SystemExit(f"unidiffuser sample: {err}") from None
-    if args.guidance is None:
+    if args.guidance is None and args.mode in USED_BY["guidance"]:
         args.guidance = pipe.guidance_scale  # the model's own, and so it is in the settings file
     if args.grid is None:
         args.grid = pipe.grid  # likewise
@@ -171,8 +173,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         elif args.mode == "i2t2i":
             out = pipe.image_variation(args.image, guidance_scale=args.guidance, **ranked)
         elif args.mode == "interp":
-            frames = 5 if args.frames is None else args.frames
-            out = pipe.interpolate(*args.image, frames=frames, steps=args.steps, seed=args.seed)
+            out = pipe.interpolate(*args.image, frames=args.frames, steps=args.steps, seed=args.seed)
         else:
             out = pipe.text_variation(args.prompt, guidance_scale=args.guidance, **ranked)
     except ValueError as err:
