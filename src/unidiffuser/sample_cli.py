@@ -194,8 +194,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         files.append(path.name)
     if out.images:
         captions = out.texts if len(out.texts) == len(out.images) else None
-        columns = {"columns": len(out.images)} if args.mode == "interp" else {}  # a path reads as one row
-        grid = make_grid(out.images, captions, **columns)
+        columns = len(out.images) if args.mode == "interp" else None  # a path reads as one row
+        grid = make_grid(out.images, captions, columns=columns)
         path = out_dir / f"{args.mode}_grid.png"
         _atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
         files.append(path.name)
