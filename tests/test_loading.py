@@ -186,6 +186,7 @@ def test_convert_then_sample_from_the_command_line(release_dir, image, tmp_path,
     assert names == [f"t2i_00{i}.png" for i in range(4)] + ["t2i_grid.png", "t2i_settings.json"]
     settings = json.loads((out / "t2i_settings.json").read_text())
     assert settings["prompt"] == ["a cat", "a dog"] and settings["steps"] == 3 and settings["guidance"] == 7.0
+    assert settings["guidance_mode"] == "uncond"  # the default, as used
     assert (
         main(
             [
@@ -275,6 +276,7 @@ def test_interpolation_argument_errors(release_dir, image, tmp_path, extra, mess
         (["--mode", "t", "--guidance", "3"], "--guidance does not apply to --mode t "),
         (["--mode", "i2t2i", "--height", "64"], "--height does not apply to --mode i2t2i"),
         (["--mode", "t2i", "--prompt", "a", "--frames", "3"], "--frames does not apply to --mode t2i"),
+        (["--mode", "joint", "--guidance-mode", "empty"], "--guidance-mode does not apply to --mode joint"),
     ],
 )
 def test_sample_argument_errors(release_dir, args, message):

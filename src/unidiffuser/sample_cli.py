@@ -22,6 +22,7 @@ USED_BY = {
     "height": ("t2i", "joint", "i"),
     "width": ("t2i", "joint", "i"),
     "guidance": RANKED,  # the unconditional modes have nothing to guide; interpolation must not be guided
+    "guidance_mode": ("t2i",),
     "frames": ("interp",),
 }
 
@@ -112,6 +113,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
             )
         if args.frames is None:
             args.frames = 5  # and so it is in the settings file
+    if args.mode == "t2i" and args.guidance_mode is None:
+        args.guidance_mode = "uncond"  # likewise
     if args.best_of > 1 and args.mode not in RANKED:
         raise SystemExit(
             f"unidiffuser sample: --best-of ranks samples against their prompt, image or other half; "
@@ -258,8 +261,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="guidance scale s (default: the model's own, 7 for the released weights)",
     )  # fmt: skip
     p.add_argument(
-        "--guidance-mode", choices=("uncond", "empty"), default="uncond",
-        help="unconditional term: the condition absent, or the empty prompt (t2i)",
+        "--guidance-mode", choices=("uncond", "empty"), default=None,
+        help="t2i's unconditional term: the condition absent (uncond) or the empty prompt (empty); left out: "
+        "uncond",
     )  # fmt: skip
     p.add_argument("--negative-prompt", default=None, help="a prompt to steer away from (t2i)")
     p.add_argument("--seed", type=int, default=0, help="seed of all noise")
