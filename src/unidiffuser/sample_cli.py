@@ -147,9 +147,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     solver_steps = len(official_orders(args.steps)) if args.solver == "dpm++3s" else args.steps
     # A sampling loop captured as one CUDA graph has no steps to report: no bar then; nor has
-    # interpolation (a caption, an inversion and the way back).
-    loops = (isinstance(pipe.sampler, FastNetwork) and pipe.sampler.captures_loops) or args.mode == "interp"
-    bar = tqdm(total=solver_steps, desc=args.mode, unit="step", file=sys.stderr, disable=loops)
+    # interpolation (a caption, an inversion and the way back), which takes no progress callback.
+    loops = isinstance(pipe.sampler, FastNetwork) and pipe.sampler.captures_loops
+    bar = tqdm(
+        total=solver_steps,
+        desc=args.mode,
+        unit="step",
+        file=sys.stderr,
+        disable=loops or args.mode == "interp",
+    )
 
     def advance(done: int, total: int) -> None:
         bar.update(done - bar.n)
