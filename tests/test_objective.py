@@ -149,6 +149,58 @@ def test_clean_prob_zero_is_the_paper_objective(tiny):
     assert torch.equal(plain[0], zero[0])
 
 
+def _snr_weight(times: torch.Tensor, gamma: float) -> torch.Tensor:
+    """min(SNR, gamma) / SNR at the network's timesteps, computed apart from the objective."""
+    alphabar = SCHEDULE.alphas_cumprod[times.long() - 1]  # step n is alphabar_n
+    snr = alphabar / (1 - alphabar)
+    return (snr.clamp(max=gamma) / snr).float()
+
+
+def test_snr_gamma_weighs_each_example_by_its_groups_min_snr(tiny):
+    """With a zero prediction of clean zero data the error of each example is its own noise; the
+    loss must be each modality's mean of (weight x mean squared noise), the weight read at the
+    example's group timestep from the schedule's alphabar, and the logged parts stay unweighted."""
+    model = Zero(PRESETS["tiny"])
+    batch, _ = random_inputs(model.config, 512)
+    clean = {k: (torch.zeros_like(v) if v.is_floating_point() else v) for k, v in batch.items()}
+    loss, parts = unidiffuser_loss(
+        model, SCHEDULE, clean, generator=torch.Generator().manual_seed(5), snr_gamma=5.0
+    )
+    inputs, times = model.seen
+    expected, plain = 0.0, {}
+    for name, group in (("img", "image"), ("clip_img", "image"), ("text", "text")):
+        sigma = SCHEDULE.sigma(times[group].double() / 1000).float()
+        noise = inputs[name] / sigma.view(-1, *([1] * (inputs[name].ndim - 1)))
+        per_example = noise.square().flatten(1).mean(1)
+        weight = _snr_weight(times[group], 5.0)
+        assert weight.min() < 0.1 and weight.max() == 1.0  # both ends of the weight were drawn
+        expected += (weight * per_example).mean()
+        plain[name] = per_example.mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
+    for name in plain:
+        torch.testing.assert_close(parts[name], plain[name], rtol=1e-4, atol=1e-6)
+    assert loss < 0.95 * sum(parts.values())  # the weighting took something off
+
+
+def test_snr_gamma_above_every_snr_is_the_plain_loss_and_clean_groups_stay_out(tiny):
+    batch, _ = random_inputs(tiny.config, 16)
+    plain = unidiffuser_loss(tiny, SCHEDULE, batch, generator=torch.Generator().manual_seed(6))
+    big = unidiffuser_loss(tiny, SCHEDULE, batch, generator=torch.Generator().manual_seed(6), snr_gamma=1e9)
+    torch.testing.assert_close(big[0], plain[0])
+    # clean groups (SNR infinite) get weight 0 and no loss: the spoiler's 1e6 stays out, no NaN
+    loss, parts = unidiffuser_loss(
+        Spoiler(PRESETS["tiny"]),
+        SCHEDULE,
+        random_inputs(PRESETS["tiny"], 4000)[0],
+        generator=torch.Generator().manual_seed(7),
+        clean_prob=0.6,
+        snr_gamma=5.0,
+    )
+    assert (
+        torch.isfinite(loss) and loss < sum(parts.values()) and all(abs(v - 1) < 0.05 for v in parts.values())
+    )
+
+
 def test_bad_loss_arguments(tiny):
     batch, _ = random_inputs(tiny.config, 2)
     with pytest.raises(ValueError, match="weighting='tokens'"):
@@ -164,3 +216,6 @@ def test_bad_loss_arguments(tiny):
     for share in (1.0, -0.1):
         with pytest.raises(ValueError, match=rf"clean_prob={share}: expected a share in \[0, 1\)"):
             unidiffuser_loss(tiny, SCHEDULE, batch, clean_prob=share)
+    for gamma in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=rf"snr_gamma={gamma}: expected 0 \(off\) or a positive value"):
+            unidiffuser_loss(tiny, SCHEDULE, batch, snr_gamma=gamma)

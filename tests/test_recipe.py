@@ -54,6 +54,7 @@ def test_the_model_holds_the_tuned_network(smoke_run):
     recipe = Recipe.smoke()
     config = parse_toml((out / "tune" / "config.toml").read_text())  # the last phase's options
     assert config["clean_prob"] == recipe.tune_clean_prob > 0
+    assert config["snr_gamma"] == recipe.snr_gamma
     assert config["mixed_precision"] == recipe.precision
     assert config["init_from"] == str(out / "uvit") and config["seed"] == recipe.seed + 1
     weights = {"img": recipe.tune_img_weight, "text": recipe.tune_text_weight}

@@ -105,6 +105,7 @@ def straight(tmp_path_factory):
         ({"distributed": "fsdp", "mixed_precision": "fp16"}, "does not go with distributed = 'fsdp'"),
         ({"num_workers": -1}, "num_workers = -1: must be >= 0"),
         ({"clean_prob": 1.0}, "clean_prob = 1.0: must lie in [0, 1)"),
+        ({"snr_gamma": -5.0}, "snr_gamma = -5.0: must be >= 0; use 0 (the paper) or a value such as 5"),
     ],
 )
 def test_config_errors_name_key_value_and_fix(values, message):
@@ -225,7 +226,7 @@ def test_train_with_compile_matches_the_plain_run(straight, tmp_path):
 
 
 def test_train_with_clean_conditions_feeds_clean_groups_to_the_network(tmp_path, monkeypatch):
-    """``clean_prob`` reaches the loss: the network sees timestep 0 in some examples of each group."""
+    """``clean_prob`` and ``snr_gamma`` reach the loss."""
     import unidiffuser.training.trainer as trainer
 
     seen = []
@@ -233,13 +234,14 @@ def test_train_with_clean_conditions_feeds_clean_groups_to_the_network(tmp_path,
 
     def spy(network, schedule, batch, **kw):
         loss, parts = real(network, schedule, batch, **kw)
-        seen.append(kw["clean_prob"])
+        seen.append((kw["clean_prob"], kw["snr_gamma"]))
         return loss, parts
 
     monkeypatch.setattr(trainer, "unidiffuser_loss", spy)
-    train(toy_config(tmp_path, clean_prob=0.5))
-    assert seen == [0.5] * 4
-    assert parse_toml((tmp_path / "config.toml").read_text())["clean_prob"] == 0.5
+    train(toy_config(tmp_path, clean_prob=0.5, snr_gamma=5.0))
+    assert seen == [(0.5, 5.0)] * 4
+    written = parse_toml((tmp_path / "config.toml").read_text())
+    assert (written["clean_prob"], written["snr_gamma"]) == (0.5, 5.0)
     assert all(math.isfinite(v) for v in losses(tmp_path).values())
 
 

@@ -81,6 +81,9 @@ class Recipe:
     uvit_warmup: int = 200
     uvit_decay: int = 15_000  # the last steps lower the learning rate linearly to 0
     ema_decay: float = 0.999
+    # Min-SNR-gamma weighting over timesteps in the uvit and tune runs (objective.py's snr_gamma);
+    # 0 weighs every timestep alike, as the shipped model was trained.
+    snr_gamma: float = 0.0
     # The tune stage: from the U-ViT's EMA, with one group clean in tune_clean_prob of the examples
     # (objective.py); a constant rate after 100 warm-up steps, lowered to 0 over the last tune_decay
     # of each phase. Three phases: every modality weighs the same until step tune_weigh_from, then the
@@ -212,7 +215,7 @@ class Recipe:
 PRESETS: dict[str, Callable[..., Recipe]] = {"full": Recipe.full, "hour": Recipe.hour, "smoke": Recipe.smoke}
 _MAY_BE_ZERO = (
     "tune_steps", "tune_decay", "tune_weigh_from", "tune_text_from", "uvit_decay", "threads", "guidance_scale",
-    "clip_colourless",
+    "clip_colourless", "snr_gamma",
 )  # fmt: skip
 # Options with flags of their own on `unidiffuser recipe`, so not set with --set.
 _FLAGGED = ("seed", "device", "threads", "frozen_from")
@@ -651,6 +654,7 @@ def _train_config(out: Path, recipe: Recipe, stage: str, **fields: Any) -> Train
         keep_last=2,
         log_every=50,
         mixed_precision=recipe.precision,
+        snr_gamma=recipe.snr_gamma,
         resume=True,
     )
     return TrainConfig(**common, **fields)

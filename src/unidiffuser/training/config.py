@@ -80,6 +80,7 @@ class TrainConfig:
     weighting: str = "modality"
     loss_weights: Mapping[str, float] = field(default_factory=dict)
     clean_prob: float = 0.0
+    snr_gamma: float = 0.0
     checkpoint_every: int = 1000
     keep_last: int = 3
     log_every: int = 50
@@ -159,6 +160,8 @@ class TrainConfig:
                 "must lie in [0, 1)",
                 "use 0 (the paper) or a share such as 0.5",
             )
+        if not (math.isfinite(self.snr_gamma) and self.snr_gamma >= 0):
+            _fail("snr_gamma", self.snr_gamma, "must be >= 0", "use 0 (the paper) or a value such as 5")
         if not self.data:
             _fail("data", self.data, "is empty", f'use "{TOY}" or the directory of feature shards')
         if not self.output_dir:
@@ -276,6 +279,9 @@ FIELD_HELP: dict[str, str] = {
     "clean_prob": "share of examples in which one timestep group, chosen uniformly, is given clean "
     "(t = 0, no loss on it): trains the conditionals at the timestep sampling gives them; 0 is the "
     "paper's objective",
+    "snr_gamma": "weigh each timestep's noise error by min(SNR, snr_gamma) / SNR (Min-SNR-gamma): the "
+    "cleanest timesteps count less, the noisy ones, where layout and words are decided, fully; 0 "
+    "weighs them alike (the paper)",
     "checkpoint_every": "save a checkpoint every this many steps (and at the last step)",
     "keep_last": "keep this many newest checkpoints",
     "log_every": "log losses, learning rate and throughput every this many steps",

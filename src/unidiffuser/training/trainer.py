@@ -639,6 +639,7 @@ def train(config: TrainConfig) -> TrainResult:
                     weights=config.loss_weights,
                     generator=generator,
                     clean_prob=config.clean_prob,
+                    snr_gamma=config.snr_gamma,
                 )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
