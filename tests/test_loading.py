@@ -221,6 +221,7 @@ def test_interpolation_from_the_command_line(release_dir, image, tmp_path):
     settings = json.loads((out / "interp_settings.json").read_text())
     assert settings["frames"] == 3 and settings["image"] == [str(a), str(b)]
     assert settings["guidance"] is None  # unguided, whatever the model's own scale
+    assert settings["solver"] is None  # DDIM there and back, whatever --solver would say
     # the files are the pipeline's frames, ends included
     pipe = UniDiffuser.from_pretrained(release_dir)
     frames = pipe.interpolate(str(a), str(b), frames=3, steps=3, seed=0).images
@@ -237,6 +238,7 @@ def test_interpolation_from_the_command_line(release_dir, image, tmp_path):
         ([], "--mode interp joins exactly two --image \\(got 1\\)"),
         (["--image", "{a}", "-n", "2"], "-n does not apply"),
         (["--image", "{a}", "--guidance", "3"], "--guidance does not apply to --mode interp"),
+        (["--image", "{a}", "--solver", "ddim"], "--solver does not apply to --mode interp"),
         (["--image", "{a}", "--frames", "1"], "frames=1: expected an integer >= 2"),
     ],
 )

@@ -126,15 +126,23 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_solver_options(parser: argparse.ArgumentParser, *, solver: bool = True) -> None:
+def add_solver_options(
+    parser: argparse.ArgumentParser, *, solver: bool = True, solver_unset: bool = False
+) -> None:
     """``--solver`` (unless ``solver`` is False) and ``--grid``: how every sampling call integrates.
 
-    The grid left out is the model's own (``sampling.grid`` in its unidiffuser.json).
+    The grid left out is the model's own (``sampling.grid`` in its unidiffuser.json). With
+    ``solver_unset`` the solver left out is None, so that a command can tell it from a choice (and
+    refuse it where it does not apply); the command then puts ``DEFAULT_SOLVER`` in its place.
     """
-    from .solvers import GRIDS, SOLVERS
+    from .solvers import DEFAULT_SOLVER, GRIDS, SOLVERS
 
-    if solver:
-        parser.add_argument("--solver", choices=SOLVERS, default="dpm++3s", help="ODE solver")
+    if solver and solver_unset:
+        parser.add_argument(
+            "--solver", choices=SOLVERS, default=None, help=f"ODE solver; left out: {DEFAULT_SOLVER}"
+        )
+    elif solver:
+        parser.add_argument("--solver", choices=SOLVERS, default=DEFAULT_SOLVER, help="ODE solver")
     parser.add_argument(
         "--grid", choices=GRIDS, default=None,
         help="the solver's time grid: uniform in t (time, as released) or in log-SNR (logsnr); left out: "

@@ -29,7 +29,7 @@ from .components.images import load_image, resize_and_crop, to_pil, to_tensor
 from .fast import FastNetwork, recorded_input_amax
 from .network import UViT
 from .schedule import NoiseSchedule
-from .solvers import check_grid, official_orders, sample_ddim, time_grid
+from .solvers import DEFAULT_SOLVER, check_grid, official_orders, sample_ddim, time_grid
 from .tasks import TASKS, TaskModel, generate, generate_chain
 
 ImageInput = Image.Image | str | Path
@@ -413,7 +413,7 @@ class UniDiffuser:
         seed: int | None = 0,
         height: int | None = None,
         width: int | None = None,
-        solver: str = "dpm++3s",
+        solver: str = DEFAULT_SOLVER,
         return_latents: bool = False,
         progress: Progress | None = None,
         best_of: int = 1,
@@ -456,7 +456,7 @@ class UniDiffuser:
         steps: int = 50,
         guidance_scale: float | None = None,
         seed: int | None = 0,
-        solver: str = "dpm++3s",
+        solver: str = DEFAULT_SOLVER,
         return_latents: bool = False,
         progress: Progress | None = None,
         best_of: int = 1,
@@ -492,7 +492,7 @@ class UniDiffuser:
         seed: int | None = 0,
         height: int | None = None,
         width: int | None = None,
-        solver: str = "dpm++3s",
+        solver: str = DEFAULT_SOLVER,
         return_latents: bool = False,
         progress: Progress | None = None,
         best_of: int = 1,
@@ -517,7 +517,7 @@ class UniDiffuser:
 
     @torch.no_grad()
     def image(self, num_samples: int = 1, *, steps: int = 50, seed: int | None = 0, height: int | None = None,
-              width: int | None = None, solver: str = "dpm++3s", return_latents: bool = False,
+              width: int | None = None, solver: str = DEFAULT_SOLVER, return_latents: bool = False,
               progress: Progress | None = None) -> Output:  # fmt: skip
         """Images from the image marginal (the text absent)."""
         return self._unconditional(
@@ -525,7 +525,7 @@ class UniDiffuser:
         )
 
     @torch.no_grad()
-    def text(self, num_samples: int = 1, *, steps: int = 50, seed: int | None = 0, solver: str = "dpm++3s",
+    def text(self, num_samples: int = 1, *, steps: int = 50, seed: int | None = 0, solver: str = DEFAULT_SOLVER,
              return_latents: bool = False, progress: Progress | None = None) -> Output:  # fmt: skip
         """Captions from the text marginal (the image absent)."""
         return self._unconditional(
@@ -552,7 +552,7 @@ class UniDiffuser:
         steps: int = 50,
         guidance_scale: float | None = None,
         seed: int | None = 0,
-        solver: str = "dpm++3s",
+        solver: str = DEFAULT_SOLVER,
         return_latents: bool = False,
         best_of: int = 1,
     ) -> Output:
@@ -586,7 +586,7 @@ class UniDiffuser:
         steps: int = 50,
         guidance_scale: float | None = None,
         seed: int | None = 0,
-        solver: str = "dpm++3s",
+        solver: str = DEFAULT_SOLVER,
         return_latents: bool = False,
         best_of: int = 1,
     ) -> Output:
@@ -619,7 +619,7 @@ class UniDiffuser:
         steps: int = 50,
         guidance_scale: float | None = None,
         seed: int | None = 0,
-        solver: str = "dpm++3s",
+        solver: str = DEFAULT_SOLVER,
     ) -> Output:
         """Hop between modalities: image -> text -> image ... (or text -> image -> ...), hops times.
 

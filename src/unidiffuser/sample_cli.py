@@ -24,6 +24,7 @@ USED_BY = {
     "guidance": RANKED,  # the unconditional modes have nothing to guide; interpolation must not be guided
     "guidance_mode": ("t2i",),
     "frames": ("interp",),
+    "solver": tuple(m for m in MODES if m != "interp"),  # interpolation runs DDIM there and back
 }
 
 
@@ -87,7 +88,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .fast import FastNetwork
     from .pipeline import UniDiffuser
     from .shipped import shipped_model_dir
-    from .solvers import official_orders
+    from .solvers import DEFAULT_SOLVER, official_orders
 
     for name, modes in USED_BY.items():
         if getattr(args, name) is not None and args.mode not in modes:
@@ -115,6 +116,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
             args.frames = 5  # and so it is in the settings file
     if args.mode == "t2i" and args.guidance_mode is None:
         args.guidance_mode = "uncond"  # likewise
+    if args.solver is None and args.mode != "interp":
+        args.solver = DEFAULT_SOLVER  # likewise
     if args.best_of > 1 and args.mode not in RANKED:
         raise SystemExit(
             f"unidiffuser sample: --best-of ranks samples against their prompt, image or other half; "
@@ -260,7 +263,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--frames", type=positive_int, default=None,
         help="interp: pictures from the first --image to the second, both included; left out: 5 (DDIM "
-        "inversion and back, unguided: --solver does not apply)",
+        "inversion and back, unguided)",
     )  # fmt: skip
     p.add_argument(
         "--guidance", type=nonnegative_float, default=None,
@@ -276,7 +279,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     for side in ("height", "width"):
         p.add_argument(f"--{side}", type=positive_int, default=None,
                        help=f"image {side} in pixels (multiple of 16); left out: the model's own")  # fmt: skip
-    add_solver_options(p)
+    add_solver_options(p, solver_unset=True)
     p.add_argument(
         "--best-of", type=positive_int, default=1, metavar="K",
         help="draw K samples for each one written and keep the one a CLIP scorer finds nearest its prompt or "

@@ -18,6 +18,7 @@ ModelFn = Callable[[Tensor, float], Tensor]  # (x, t) -> predicted noise, shaped
 Callback = Callable[[int, float, Tensor], None]  # (step index, time reached, state)
 
 SOLVERS = ("dpm++2m", "dpm++3s", "ddim")
+DEFAULT_SOLVER = "dpm++3s"  # the released sampler: the pipeline's and the commands' default
 GRIDS = ("time", "logsnr")  # uniform in t (as released), uniform in log-SNR
 
 

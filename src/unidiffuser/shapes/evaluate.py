@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..solvers import SOLVERS
+from ..solvers import DEFAULT_SOLVER, SOLVERS
 from .captions import caption, parse_caption
 from .parse import REJECTIONS, NotAScene, read_image
 from .world import Scene, canonical, exact, matches, render, sample_scene
@@ -126,7 +126,7 @@ def evaluate(
     batch_size: int = 64,
     log: Callable[[str], None] | None = None,
     tasks: Sequence[str] = TASKS,
-    solver: str = "dpm++3s",
+    solver: str = DEFAULT_SOLVER,
     best_of: int = 1,
 ) -> list[Row]:
     """Score the modes of ``pipe`` (a shapes-world ``UniDiffuser``) that ``tasks`` names (every one
