@@ -137,12 +137,9 @@ def add_solver_options(
     """
     from .solvers import DEFAULT_SOLVER, GRIDS, SOLVERS
 
-    if solver and solver_unset:
-        parser.add_argument(
-            "--solver", choices=SOLVERS, default=None, help=f"ODE solver; left out: {DEFAULT_SOLVER}"
-        )
-    elif solver:
-        parser.add_argument("--solver", choices=SOLVERS, default=DEFAULT_SOLVER, help="ODE solver")
+    if solver:
+        default, left_out = (None, f"; left out: {DEFAULT_SOLVER}") if solver_unset else (DEFAULT_SOLVER, "")
+        parser.add_argument("--solver", choices=SOLVERS, default=default, help=f"ODE solver{left_out}")
     parser.add_argument(
         "--grid", choices=GRIDS, default=None,
         help="the solver's time grid: uniform in t (time, as released) or in log-SNR (logsnr); left out: "

@@ -116,7 +116,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             args.frames = 5  # and so it is in the settings file
     if args.mode == "t2i" and args.guidance_mode is None:
         args.guidance_mode = "uncond"  # likewise
-    if args.solver is None and args.mode != "interp":
+    if args.solver is None and args.mode in USED_BY["solver"]:
         args.solver = DEFAULT_SOLVER  # likewise
     if args.best_of > 1 and args.mode not in RANKED:
         raise SystemExit(
