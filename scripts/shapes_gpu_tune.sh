@@ -21,7 +21,8 @@
 # IN_MEMORY (1: the features read into memory once, `train --data-in-memory`; 1 on cuda, 0
 # elsewhere), NUM_WORKERS (with IN_MEMORY=0, processes reading the features ahead: 4 on cuda, 0
 # elsewhere), COMPILE (1:
-# torch.compile the network for training; default 0), INIT (a model directory whose network the
+# torch.compile the network for training; default 0), SNR_GAMMA (`train --snr-gamma`: Min-SNR
+# weighting over timesteps, for instance 5; default 0, as the shipped model was tuned), INIT (a model directory whose network the
 # tune starts from, e.g. the shipped one with an earlier run's network.safetensors copied in: a
 # run longer than one lease, lease by lease; `scratch`: an untrained U-ViT from the seed; default
 # the shipped model), FROZEN_FROM (the model folder whose tokenizers, CLIP, autoencoder and
@@ -78,7 +79,7 @@ tune_command() { # tune_command STEPS DECAY: sets run_args to the tune stage's l
     run_args=("${ud[@]}" train --data "$work/shapes/features" --init-from "$init"
         --output-dir "$work/shapes/tune" --steps "$1" --batch-size "$batch" --lr "$lr" --warmup-steps 100
         --decay-steps "$2" --ema-decay 0.999 --clean-prob 0.5 --loss-weight img=10
-        --loss-weight text=3 --checkpoint-every 1000 --keep-last 2 --log-every 50 --seed "$seed" --resume
+        --loss-weight text=3 --snr-gamma "${SNR_GAMMA:-0}" --checkpoint-every 1000 --keep-last 2 --log-every 50 --seed "$seed" --resume
         --mixed-precision "$precision" "${data_flags[@]}" "${compile_flag[@]}")
 }
 
