@@ -90,6 +90,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .shipped import shipped_model_dir
     from .solvers import DEFAULT_SOLVER, official_orders
 
+    # What an option left out means, where its mode uses it (the pipeline's own defaults).
+    left_out = {"frames": 5, "guidance_mode": "uncond", "solver": DEFAULT_SOLVER}
+
     for name, modes in USED_BY.items():
         if getattr(args, name) is not None and args.mode not in modes:
             option = "--" + name.replace("_", "-")
@@ -112,12 +115,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
             raise SystemExit(
                 "unidiffuser sample: --mode interp draws one path of --frames pictures; -n does not apply"
             )
-        if args.frames is None:
-            args.frames = 5  # and so it is in the settings file
-    if args.mode == "t2i" and args.guidance_mode is None:
-        args.guidance_mode = "uncond"  # likewise
-    if args.solver is None and args.mode in USED_BY["solver"]:
-        args.solver = DEFAULT_SOLVER  # likewise
+    for name, value in left_out.items():  # the value used, and so it is in the settings file
+        if getattr(args, name) is None and args.mode in USED_BY[name]:
+            setattr(args, name, value)
     if args.best_of > 1 and args.mode not in RANKED:
         raise SystemExit(
             f"unidiffuser sample: --best-of ranks samples against their prompt, image or other half; "
