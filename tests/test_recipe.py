@@ -239,12 +239,14 @@ def test_set_refuses_what_is_no_option(pairs, message):
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"uvit_steps": 0}, r"uvit_steps=0: expected > 0"),
-        ({"uvit_lr": -1e-4}, r"uvit_lr=-0.0001: expected > 0"),
-        ({"tune_steps": -1}, r"tune_steps=-1: expected >= 0"),
+        ({"uvit_steps": 0}, r"uvit_steps=0: expected a finite number > 0"),
+        ({"uvit_lr": -1e-4}, r"uvit_lr=-0.0001: expected a finite number > 0"),
+        ({"tune_steps": -1}, r"tune_steps=-1: expected a finite number >= 0"),
+        ({"snr_gamma": float("nan")}, r"snr_gamma=nan: expected a finite number >= 0"),
+        ({"uvit_lr": float("inf")}, r"uvit_lr=inf: expected a finite number > 0"),
         ({"tune_clean_prob": 1.0}, r"tune_clean_prob=1.0: expected a share in \[0, 1\)"),
         ({"clip_colourless": 1.0}, r"clip_colourless=1.0: expected a share in \[0, 1\)"),
-        ({"clip_colourless": -0.5}, r"clip_colourless=-0.5: expected >= 0"),
+        ({"clip_colourless": -0.5}, r"clip_colourless=-0.5: expected a finite number >= 0"),
         ({"ema_decay": 1.0}, r"ema_decay=1.0: expected a value in \(0, 1\)"),
         ({"uvit_width": 100, "uvit_heads": 3}, r"uvit_width=100: expected a multiple of uvit_heads=3"),
         ({"precision": "fp8"}, r"precision='fp8': expected one of \('no', 'bf16', 'fp16'\)"),

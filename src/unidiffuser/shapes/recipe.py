@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -116,8 +117,9 @@ class Recipe:
             value = getattr(self, f.name)
             if f.name == "seed" or isinstance(value, str):
                 continue
-            if value < 0 or (value == 0 and f.name not in _MAY_BE_ZERO):
-                raise ValueError(f"{f.name}={value}: expected {'>= 0' if f.name in _MAY_BE_ZERO else '> 0'}")
+            if not math.isfinite(value) or value < 0 or (value == 0 and f.name not in _MAY_BE_ZERO):
+                bound = ">= 0" if f.name in _MAY_BE_ZERO else "> 0"
+                raise ValueError(f"{f.name}={value}: expected a finite number {bound}")
         if not 0.0 <= self.clip_colourless < 1.0:
             raise ValueError(
                 f"clip_colourless={self.clip_colourless}: expected a share in [0, 1), such as 0.5"
