@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image, UnidentifiedImageError
 
 from ..components.images import load_image
+from ..solvers import DEFAULT_SOLVER  # interpolation inverts with DDIM instead
 
 if TYPE_CHECKING:  # the pipeline module is only needed to run a job, not to parse the command line
     from ..pipeline import Output, UniDiffuser
 
-SOLVER = "dpm++3s"  # the pipeline's default, the released sampler; interpolation inverts with DDIM
 MAX_SEED = 2**32 - 1
 
 
@@ -191,7 +191,7 @@ class Job:
             settings["guidance"] = self.guidance
         if self.best_of is not None:
             settings["best_of"] = self.best_of
-        settings["solver"] = "ddim" if self.task.name == "interpolate" else SOLVER
+        settings["solver"] = "ddim" if self.task.name == "interpolate" else DEFAULT_SOLVER
         return settings
 
 
@@ -338,7 +338,7 @@ def run_job(pipe: UniDiffuser, job: Job, progress: Progress | None = None) -> Ou
     if task.ranked:
         kwargs["best_of"] = job.best_of
     if task.name != "interpolate":
-        kwargs["solver"] = SOLVER
+        kwargs["solver"] = DEFAULT_SOLVER
     if task.progress and progress is not None:
         kwargs["progress"] = progress
     return getattr(pipe, task.name)(*args, **kwargs)
