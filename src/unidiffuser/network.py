@@ -562,6 +562,8 @@ def image_text_config(
     return UViTConfig(tuple(mods), ("image", "text"), width, depth, num_heads, norm=norm)
 
 
+_RELEASED = dict(latent=(4, 64, 64), clip_dim=512, text=(77, 64), width=1536, depth=30, num_heads=24)
+
 PRESETS: dict[str, UViTConfig] = {
     "tiny": image_text_config(
         latent=(4, 8, 8), clip_dim=16, text=(8, 8), width=64, depth=4, num_heads=4, data_type=True
@@ -584,24 +586,9 @@ PRESETS: dict[str, UViTConfig] = {
         num_heads=12,
         data_type=True,
     ),
-    "unidiffuser-v0": image_text_config(
-        latent=(4, 64, 64),
-        clip_dim=512,
-        text=(77, 64),
-        width=1536,
-        depth=30,
-        num_heads=24,
-        data_type=False,
-    ),
-    "unidiffuser-v1": image_text_config(
-        latent=(4, 64, 64),
-        clip_dim=512,
-        text=(77, 64),
-        width=1536,
-        depth=30,
-        num_heads=24,
-        data_type=True,
-    ),
+    # the released sizes; v1 adds the data-type token
+    "unidiffuser-v0": image_text_config(**_RELEASED, data_type=False),
+    "unidiffuser-v1": image_text_config(**_RELEASED, data_type=True),
 }
 
 
