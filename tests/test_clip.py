@@ -221,3 +221,19 @@ def test_missing_directory_and_files(tmp_path):
     ClipImageEmbedder.random(TINY_VISION).save_pretrained(tmp_path)  # weights, but no tokenizer
     with pytest.raises(ValueError, match=r"lacks tokenizer\.json"):
         ClipTextEncoder.from_pretrained_dir(tmp_path)
+
+
+def test_loading_prints_no_progress_bar_and_restores_the_setting(embedder, tmp_path, capsys):
+    from transformers.utils import logging as hf_logging
+
+    embedder.save_pretrained(tmp_path / "image")
+    capsys.readouterr()
+    for bar_on in (True, False):
+        (hf_logging.enable_progress_bar if bar_on else hf_logging.disable_progress_bar)()
+        try:
+            ClipImageEmbedder.from_pretrained_dir(tmp_path / "image")
+            assert hf_logging.is_progress_bar_enabled() is bar_on
+        finally:
+            hf_logging.enable_progress_bar()
+        out = capsys.readouterr()
+        assert "Loading weights" not in out.err + out.out

@@ -32,6 +32,7 @@ from transformers import (
     CLIPVisionModelWithProjection,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as hf_logging
 
 from .images import _to_rgb, resize_and_crop
 
@@ -338,13 +339,22 @@ def _check_dir(path: str | Path, what: str, model_id: str, tokenizer: bool, mode
 
 
 def _from_pretrained(cls, path: Path, what: str):
-    """transformers' from_pretrained, local only, float32, failing on missing or misshapen weights."""
+    """transformers' from_pretrained, local only, float32, failing on missing or misshapen weights.
+
+    transformers' per-file "Loading weights" progress bar stays off while it reads (a pipeline
+    loads three such models in well under a second); its setting is restored afterwards.
+    """
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
         model, info = cls.from_pretrained(
             path, local_files_only=True, output_loading_info=True, dtype=torch.float32
         )
     except RuntimeError as err:  # transformers refuses misshapen weights itself
         raise ValueError(f"{what} weights in {str(path)!r} do not fit its config.json: {err}") from None
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
     # unexpected keys are fine: a full CLIP checkpoint also holds the other tower
     bad = sorted(info.get("missing_keys", [])) + [str(k) for k in info.get("mismatched_keys", [])]
     if bad:
