@@ -391,7 +391,10 @@ def test_decoder_from_pretrained_gpt2_on_precomputed_features(model_dir, tmp_pat
     cfg = decoder_config(tmp_path / "run", tmp_path / "features", init_from=str(tmp_path / "gpt2"),
                          decoder="tiny", steps=2, checkpoint_every=2, log_every=1)  # fmt: skip
     log = RunLog(tmp_path / "log", enabled=True)
+    capsys.readouterr()
     decoder, encoder = initial_decoder(cfg, 24, log)
+    loaded = capsys.readouterr()
+    assert "Loading weights" not in loaded.err + loaded.out  # transformers' bar stays off
     assert encoder is None and decoder.config.feature_dim == 24 and decoder.config.prefix_dim == 8
     assert len(decoder.tokenizer) == len(tokenizer) + 1  # '<|EOS|>' added, the token table grown
     pretrained = gpt.state_dict()

@@ -13,7 +13,8 @@ for tests.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -338,23 +339,30 @@ def _check_dir(path: str | Path, what: str, model_id: str, tokenizer: bool, mode
     return path
 
 
-def _from_pretrained(cls, path: Path, what: str):
-    """transformers' from_pretrained, local only, float32, failing on missing or misshapen weights.
+@contextmanager
+def no_loading_bar() -> Iterator[None]:
+    """transformers' per-file "Loading weights" progress bar off inside, the caller's setting after.
 
-    transformers' per-file "Loading weights" progress bar stays off while it reads (a pipeline
-    loads three such models in well under a second); its setting is restored afterwards.
+    Our models load in well under a second each; a bar per file only clutters a command's output.
     """
     bar_was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        model, info = cls.from_pretrained(
-            path, local_files_only=True, output_loading_info=True, dtype=torch.float32
-        )
-    except RuntimeError as err:  # transformers refuses misshapen weights itself
-        raise ValueError(f"{what} weights in {str(path)!r} do not fit its config.json: {err}") from None
+        yield
     finally:
         if bar_was_on:
             hf_logging.enable_progress_bar()
+
+
+def _from_pretrained(cls, path: Path, what: str):
+    """transformers' from_pretrained, local only, float32, failing on missing or misshapen weights."""
+    try:
+        with no_loading_bar():
+            model, info = cls.from_pretrained(
+                path, local_files_only=True, output_loading_info=True, dtype=torch.float32
+            )
+    except RuntimeError as err:  # transformers refuses misshapen weights itself
+        raise ValueError(f"{what} weights in {str(path)!r} do not fit its config.json: {err}") from None
     # unexpected keys are fine: a full CLIP checkpoint also holds the other tower
     bad = sorted(info.get("missing_keys", [])) + [str(k) for k in info.get("mismatched_keys", [])]
     if bad:

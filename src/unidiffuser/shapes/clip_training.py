@@ -42,6 +42,7 @@ from ..components.clip import (
     ClipTextEncoder,
     ImageEmbedderConfig,
     TextEncoderConfig,
+    no_loading_bar,
     whole_clip_config,
 )
 from .captions import caption
@@ -322,7 +323,8 @@ def load_clip(path: str | Path) -> tuple[CLIPModel, CLIPTokenizer]:
     """The whole CLIPModel and its tokenizer from ``out_dir/clip`` (local files only)."""
     from transformers import AutoTokenizer
 
-    model = CLIPModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    with no_loading_bar():
+        model = CLIPModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
     return model.eval(), AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
