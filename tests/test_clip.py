@@ -223,17 +223,19 @@ def test_missing_directory_and_files(tmp_path):
         ClipTextEncoder.from_pretrained_dir(tmp_path)
 
 
-def test_loading_prints_no_progress_bar_and_restores_the_setting(embedder, tmp_path, capsys):
+def test_saving_and_loading_print_no_progress_bar_and_restore_the_setting(embedder, tmp_path, capsys):
     from transformers.utils import logging as hf_logging
 
-    embedder.save_pretrained(tmp_path / "image")
     capsys.readouterr()
     for bar_on in (True, False):
         (hf_logging.enable_progress_bar if bar_on else hf_logging.disable_progress_bar)()
         try:
-            ClipImageEmbedder.from_pretrained_dir(tmp_path / "image")
+            embedder.save_pretrained(tmp_path / f"image-{bar_on}")
+            assert hf_logging.is_progress_bar_enabled() is bar_on
+            ClipImageEmbedder.from_pretrained_dir(tmp_path / f"image-{bar_on}")
             assert hf_logging.is_progress_bar_enabled() is bar_on
         finally:
             hf_logging.enable_progress_bar()
         out = capsys.readouterr()
         assert "Loading weights" not in out.err + out.out
+        assert "Writing model shards" not in out.err + out.out

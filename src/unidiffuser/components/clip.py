@@ -340,10 +340,12 @@ def _check_dir(path: str | Path, what: str, model_id: str, tokenizer: bool, mode
 
 
 @contextmanager
-def no_loading_bar() -> Iterator[None]:
-    """transformers' per-file "Loading weights" progress bar off inside, the caller's setting after.
+def no_transformers_bars() -> Iterator[None]:
+    """transformers' progress bars ("Loading weights", "Writing model shards") off inside, the
+    caller's setting after.
 
-    Our models load in well under a second each; a bar per file only clutters a command's output.
+    Our models load and save in well under a second each; a bar per file only clutters a
+    command's output.
     """
     bar_was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
@@ -357,7 +359,7 @@ def no_loading_bar() -> Iterator[None]:
 def _from_pretrained(cls, path: Path, what: str):
     """transformers' from_pretrained, local only, float32, failing on missing or misshapen weights."""
     try:
-        with no_loading_bar():
+        with no_transformers_bars():
             model, info = cls.from_pretrained(
                 path, local_files_only=True, output_loading_info=True, dtype=torch.float32
             )
@@ -431,7 +433,8 @@ class ClipImageEmbedder(_Frozen):
         return cls(_from_pretrained(CLIPVisionModelWithProjection, path, "CLIP image encoder"))
 
     def save_pretrained(self, path: str | Path) -> None:
-        self.model.save_pretrained(path)
+        with no_transformers_bars():
+            self.model.save_pretrained(path)
 
     def preprocess(self, images: Sequence[Image.Image]) -> Tensor:
         """CLIP's preprocessing in Pillow and NumPy: pictures -> (B, 3, S, S) float32 on the CPU.
@@ -527,7 +530,8 @@ class ClipTextEncoder(_Frozen):
         return cls(_from_pretrained(CLIPTextModel, path, "CLIP text encoder"), tokenizer)
 
     def save_pretrained(self, path: str | Path) -> None:
-        self.model.save_pretrained(path)
+        with no_transformers_bars():
+            self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
 
     def tokenize(self, texts: Sequence[str]) -> Tensor:

@@ -30,6 +30,7 @@ from .clip import (
     _from_pretrained,
     _Frozen,
     clip_pixels,
+    no_transformers_bars,
     tiny_clip_tokenizer,
     whole_clip_config,
 )
@@ -92,7 +93,8 @@ class ClipScorer(_Frozen):
         return cls(model, AutoTokenizer.from_pretrained(path, local_files_only=True))
 
     def save_pretrained(self, path: str | Path) -> None:
-        self.model.save_pretrained(path)
+        with no_transformers_bars():
+            self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
 
     @torch.no_grad()

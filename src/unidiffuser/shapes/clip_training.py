@@ -42,7 +42,7 @@ from ..components.clip import (
     ClipTextEncoder,
     ImageEmbedderConfig,
     TextEncoderConfig,
-    no_loading_bar,
+    no_transformers_bars,
     whole_clip_config,
 )
 from .captions import caption
@@ -306,7 +306,8 @@ def train_clip(
     write_dir(out_dir / "text_encoder", text_encoder.save_pretrained)
 
     def save_clip(path: Path) -> None:
-        model.save_pretrained(path)
+        with no_transformers_bars():
+            model.save_pretrained(path)
         tokenizer.save_pretrained(path)
 
     write_dir(out_dir / "clip", save_clip)
@@ -323,7 +324,7 @@ def load_clip(path: str | Path) -> tuple[CLIPModel, CLIPTokenizer]:
     """The whole CLIPModel and its tokenizer from ``out_dir/clip`` (local files only)."""
     from transformers import AutoTokenizer
 
-    with no_loading_bar():
+    with no_transformers_bars():
         model = CLIPModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
     return model.eval(), AutoTokenizer.from_pretrained(path, local_files_only=True)
 

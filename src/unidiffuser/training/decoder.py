@@ -53,7 +53,7 @@ from tqdm import tqdm
 
 from ..components.caption import CaptionDecoder, CaptionDecoderConfig, tiny_gpt2_tokenizer
 from ..components.caption import preset as caption_preset
-from ..components.clip import ClipTextEncoder, no_loading_bar
+from ..components.clip import ClipTextEncoder, no_transformers_bars
 from ..devices import resolve_device
 from .checkpoint import (
     OPTIMIZER_FILE,
@@ -291,7 +291,7 @@ def _gpt2_decoder(config: DecoderTrainConfig, path: Path, feature_dim: int) -> C
     from ..loading import load_tokenizer, with_eos
 
     tokenizer = with_eos(load_tokenizer(path))
-    with no_loading_bar():
+    with no_transformers_bars():
         gpt = GPT2LMHeadModel.from_pretrained(str(path), local_files_only=True)
     gpt.resize_token_embeddings(len(tokenizer))
     defaults = GPT2Config()
