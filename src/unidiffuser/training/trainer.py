@@ -669,7 +669,9 @@ def train(config: TrainConfig) -> TrainResult:
             metrics = {"loss": mean[0].item()}
             metrics.update({f"loss/{n}": mean[i + 1].item() for i, n in enumerate(names)})
             metrics["lr"] = scheduler.get_last_lr()[0]
-            metrics["grad_norm"] = float(grad_norm.full_tensor() if sharded else grad_norm)
+            # a sharded run gives a DTensor norm, or a plain tensor where it came back reduced
+            whole = grad_norm.full_tensor() if sharded and hasattr(grad_norm, "full_tensor") else grad_norm
+            metrics["grad_norm"] = float(whole)
             metrics["samples_per_s"] = config.batch_size * window_steps / elapsed
             if device.type == "cuda":
                 metrics["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
