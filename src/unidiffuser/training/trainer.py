@@ -669,7 +669,7 @@ def train(config: TrainConfig) -> TrainResult:
             metrics = {"loss": mean[0].item()}
             metrics.update({f"loss/{n}": mean[i + 1].item() for i, n in enumerate(names)})
             metrics["lr"] = scheduler.get_last_lr()[0]
-            # a sharded run gives a DTensor norm, or a plain tensor where it came back reduced
+            # a DTensor where a sharded run's clipping made it; a plain tensor otherwise (its initial zero too)
             whole = grad_norm.full_tensor() if sharded and hasattr(grad_norm, "full_tensor") else grad_norm
             metrics["grad_norm"] = float(whole)
             metrics["samples_per_s"] = config.batch_size * window_steps / elapsed
