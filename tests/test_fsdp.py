@@ -106,6 +106,8 @@ def test_sharded_training_resumed_equals_ddp(runs):
     assert [r["step"] for r in log[fsdp]] == [1, 2, 3]
     for a, b in zip(log[ddp], log[fsdp], strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=0, abs=1e-5)
+        # the global norm over every shard, as clipping used it, not one process's part of it
+        assert a["grad_norm"] > 0 and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
     for which in ("model", "ema"):
         a, b = weights(ddp, 3, which), weights(fsdp, 3, which)
         for k in a:  # gradients reduced in another order: equal up to float rounding (~1e-7)

@@ -669,7 +669,8 @@ def train(config: TrainConfig) -> TrainResult:
             metrics = {"loss": mean[0].item()}
             metrics.update({f"loss/{n}": mean[i + 1].item() for i, n in enumerate(names)})
             metrics["lr"] = scheduler.get_last_lr()[0]
-            # a DTensor where a sharded run's clipping made it; a plain tensor otherwise (its initial zero too)
+            # whole already where accelerate reduces it (1.16 returns a plain tensor for FSDP2); older
+            # versions return torch's DTensor; before the first clipped step it is the plain zero above
             whole = grad_norm.full_tensor() if sharded and hasattr(grad_norm, "full_tensor") else grad_norm
             metrics["grad_norm"] = float(whole)
             metrics["samples_per_s"] = config.batch_size * window_steps / elapsed
