@@ -25,6 +25,7 @@ import pytest
 from unidiffuser.cli import build_parser
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+DOCS = sorted((README.parent / "docs").glob("*.md"))  # the pages the README sends readers to
 SKIP = re.compile(r"<!-- not run by the tests: (?P<reason>[^>]*\S)\s*-->\s*$")
 FENCE = re.compile(r"^```(?P<lang>\w*)\n(?P<body>.*?)^```$", re.S | re.M)
 
@@ -62,6 +63,14 @@ def as_bash(block: Block) -> str:
     return header + f".venv/bin/python - <<'README_PYTHON_END'\n{block.body}README_PYTHON_END\n"
 
 
+def test_the_docs_pages_exist_and_hold_no_code_blocks():
+    # their commands are checked inline only; a runnable block belongs in the README, whose blocks run
+    assert DOCS, "docs/*.md is missing: the README points to it"
+    for page in DOCS:
+        assert page.name in README.read_text(), f"the README does not link {page.name}"
+        assert not readme_blocks(page.read_text()), f"{page.name} has a fenced block that no test runs"
+
+
 def test_every_block_is_run_or_says_why_not():
     blocks = readme_blocks(README.read_text())
     assert len(blocks) >= 10
@@ -89,8 +98,9 @@ def inline_commands(text: str) -> list[str]:
     return [s for s in spans if s.startswith("unidiffuser ") and " --" in s]
 
 
-def test_inline_commands_parse():
-    commands = inline_commands(README.read_text())
+@pytest.mark.parametrize("page", [README, *DOCS], ids=lambda p: p.name)
+def test_inline_commands_parse(page):
+    commands = inline_commands(page.read_text())
     assert len(commands) >= 5
     parser = build_parser()
     bad = []
@@ -100,7 +110,7 @@ def test_inline_commands_parse():
         except SystemExit as exit_:
             if exit_.code != 0:  # --help exits 0
                 bad.append(command)
-    assert not bad, f"README commands the CLI refuses: {bad}"
+    assert not bad, f"{page.name} commands the CLI refuses: {bad}"
 
 
 @pytest.mark.slow

@@ -62,7 +62,7 @@ class Recipe:
     clip_batch: int = 128
     # The share of CLIP's pairs drawn in grays and captioned without colours (clip_training's
     # colourless): its image tower then writes a held-out pair's shape apart from its colour
-    # (README); 0 as shipped.
+    # (docs/shapes-model.md); 0 as shipped.
     clip_colourless: float = 0.0
     vae_steps: int = 1500
     vae_batch: int = 16
