@@ -31,6 +31,11 @@ def test_short_toy_demo_prints_every_mode(capsys):
         (["toy", "--steps", "-1"], "expected an integer >= 1, got -1"),
         (["toy", "--guidance", "-2"], "expected a number >= 0, got -2"),
         (["fly"], "invalid choice: 'fly'"),
+        # an unknown option is refused under the command's own usage, with the nearest known ones
+        (["sample", "--tsk", "t2i"], "usage: unidiffuser sample"),
+        (["sample", "--tsk", "t2i"], "unrecognized arguments: --tsk t2i (--tsk: did you mean --task"),
+        (["toy", "--sconds", "3"], "(--sconds: did you mean --seconds?)"),
+        (["toy", "extra"], "unidiffuser toy: error: unrecognized arguments: extra; see --help"),
     ],
 )
 def test_bad_arguments_exit_with_a_message(args, message):
@@ -70,3 +75,22 @@ def test_help_names_defaults_but_never_a_default_of_none():
     sample = " ".join(helps["unidiffuser sample"].split())
     assert "seed of all noise (default: 0)" in sample  # a real default is still named
     assert "guidance scale s (default: the model's own, 7 for the released weights) --guidance-mode" in sample
+
+
+def test_the_task_option_names_the_mode_of_sample():
+    from unidiffuser.cli import build_parser
+
+    assert build_parser().parse_args(["sample", "--task", "i2t"]).mode == "i2t"
+
+
+def test_an_output_folder_that_cannot_be_made_is_refused_before_the_work(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    for args in (["sample", "--prompt", "a red square", "--steps", "1"], ["demo", "--steps", "1"]):
+        with pytest.raises(SystemExit) as exit_:
+            main([*args, "--out", str(blocker / "out")])
+        message = str(exit_.value)
+        assert message.startswith(f"unidiffuser {args[0]}: {blocker / 'out'}: Not a directory"), message
+    assert "step/s" not in capsys.readouterr().err  # refused before sampling began
+    with pytest.raises(SystemExit, match="--out .*: its folder does not exist; create it first"):
+        main(["eval", "shapes", "--samples", "1", "--out", str(tmp_path / "missing" / "table.md")])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import sys
 import time
@@ -215,9 +216,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def refuse_unknown(parser: argparse.ArgumentParser, command: str, unknown: list[str]) -> None:
+    """Exit with the command's own usage and, for each unknown option, its nearest known ones
+    (argparse alone reports unknown options of a subcommand under the top-level usage)."""
+    (commands,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    command_parser = commands.choices[command]
+    known = [o for a in command_parser._actions for o in a.option_strings if o.startswith("--")]
+    hints = []
+    for arg in unknown:
+        near = difflib.get_close_matches(arg.split("=", 1)[0], known, n=2, cutoff=0.6)
+        if arg.startswith("-") and near:
+            hints.append(f"{arg}: did you mean {' or '.join(near)}?")
+    more = f" ({'; '.join(hints)})" if hints else ""
+    command_parser.error(f"unrecognized arguments: {' '.join(unknown)}{more}; see --help")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        refuse_unknown(parser, args.command, unknown)
+    try:
+        return args.func(args)
+    except OSError as err:
+        if err.filename is None:  # not about a path the user can fix
+            raise
+        # an output folder that cannot be made, a file that cannot be written or read
+        raise SystemExit(f"unidiffuser {args.command}: {err.filename}: {err.strerror}") from None
 
 
 if __name__ == "__main__":

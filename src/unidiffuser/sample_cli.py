@@ -123,6 +123,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
             f"unidiffuser sample: --best-of ranks samples against their prompt, image or other half; "
             f"--mode {args.mode} has none to rank against (use one of {', '.join(RANKED)})"
         )
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)  # before the work: a folder that cannot be made fails here
     dtype = torch_dtype(args.dtype)
     device = device_option(args.device, "unidiffuser sample")
     try:
@@ -193,8 +195,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
     finally:
         bar.close()
 
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     files = []
     for i, image in enumerate(out.images):
         path = out_dir / f"{args.mode}_{i:03d}.png"
@@ -252,7 +252,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="model directory (ours, the release files, or diffusers layout); the shipped shapes model if left out",
     )  # fmt: skip
     p.add_argument(
-        "--mode", choices=MODES, default="t2i",
+        "--mode", "--task", dest="mode", choices=MODES, default="t2i",
         help="task: t2i text to image, i2t image to text, joint, i image, t text, i2t2i image variation, "
         "t2i2t text variation, interp pictures between two --image",
     )  # fmt: skip

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from .evaluate import TASKS
 from .recipe import PRESETS, STAGES, recipe_options
@@ -59,6 +60,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..shipped import shipped_model_dir
     from .evaluate import evaluate, format_rows
 
+    if args.out and not Path(args.out).resolve().parent.is_dir():  # refused now, not after the evaluation
+        raise SystemExit(f"unidiffuser eval: --out {args.out}: its folder does not exist; create it first")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = device_option(args.device, "unidiffuser eval")
@@ -98,8 +101,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     print(f"\n{settings}: {seconds:.0f} s", file=sys.stderr)
     if args.out:
-        from pathlib import Path
-
         from .stage import write_text_atomic
 
         write_text_atomic(Path(args.out), format_rows(rows) + f"\n\n{settings}.\n")
