@@ -92,5 +92,5 @@ def test_an_output_folder_that_cannot_be_made_is_refused_before_the_work(tmp_pat
         message = str(exit_.value)
         assert message.startswith(f"unidiffuser {args[0]}: {blocker / 'out'}: Not a directory"), message
     assert "step/s" not in capsys.readouterr().err  # refused before sampling began
-    with pytest.raises(SystemExit, match="--out .*: its folder does not exist; create it first"):
+    with pytest.raises(SystemExit, match=r"--out .*: its folder does not exist; create it first"):
         main(["eval", "shapes", "--samples", "1", "--out", str(tmp_path / "missing" / "table.md")])
