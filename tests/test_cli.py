@@ -94,3 +94,17 @@ def test_an_output_folder_that_cannot_be_made_is_refused_before_the_work(tmp_pat
     assert "step/s" not in capsys.readouterr().err  # refused before sampling began
     with pytest.raises(SystemExit, match=r"--out .*: its folder does not exist; create it first"):
         main(["eval", "shapes", "--samples", "1", "--out", str(tmp_path / "missing" / "table.md")])
+
+
+def test_version_is_the_package_version():
+    from pathlib import Path
+
+    import unidiffuser
+
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    (version,) = re.findall(r'^version = "([^"]+)"$', pyproject, re.M)  # tomllib needs Python 3.11
+    assert unidiffuser.__version__ == version
+    result = subprocess.run(
+        [sys.executable, "-m", "unidiffuser.cli", "--version"], capture_output=True, text=True
+    )
+    assert result.returncode == 0 and result.stdout.strip() == f"unidiffuser {version}"

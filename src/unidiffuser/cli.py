@@ -173,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="unidiffuser",
         description="UniDiffuser: one transformer for every distribution of multi-modal data.",
     )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"unidiffuser {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     fmt = HelpFormatter
 
