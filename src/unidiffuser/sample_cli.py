@@ -123,10 +123,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
             f"unidiffuser sample: --best-of ranks samples against their prompt, image or other half; "
             f"--mode {args.mode} has none to rank against (use one of {', '.join(RANKED)})"
         )
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)  # before the work: a folder that cannot be made fails here
     dtype = torch_dtype(args.dtype)
     device = device_option(args.device, "unidiffuser sample")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)  # before the work: a folder that cannot be made fails here
     try:
         model = args.model if args.model is not None else shipped_model_dir()
         pipe = UniDiffuser.from_pretrained(model, device=device, dtype=dtype, scorer=args.scorer)
