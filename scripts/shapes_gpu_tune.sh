@@ -27,7 +27,10 @@
 # run longer than one lease, lease by lease; `scratch`: an untrained U-ViT from the seed; default
 # the shipped model), FROZEN_FROM (the model folder whose tokenizers, CLIP, autoencoder and
 # caption decoder make the features, for instance a recipe's OUT/components trained with
-# `--set clip_colourless=0.5`; default shipped), WORK (a temporary
+# `--set clip_colourless=0.5`; default shipped), COLOURLESS (a share such as 0.5: first train a
+# CLIP here with that share of its pairs colourless, `recipe shapes --stage tokenizers --stage clip
+# --set clip_colourless=V` with CLIP_STEPS steps (default the recipe's 5000), probe its image tower
+# (probe-tower.log), and use the shipped model with that image tower as FROZEN_FROM and INIT), WORK (a temporary
 # folder; scenes, features and the run already there are reused and resumed). On one H100
 # (2026-11-27) a budget of 420 s gave 94 s of rendering and extraction, the probe, and 1300 steps
 # at about 2,900 samples a second, with 4 workers reading the files (the in-memory default is newer
@@ -86,6 +89,20 @@ tune_command() { # tune_command STEPS DECAY: sets run_args to the tune stage's l
 shipped=$(python3 -c "from unidiffuser.shipped import shipped_model_dir; print(shipped_model_dir())") || exit
 frozen=${FROZEN_FROM:-shipped}
 init=${INIT:-$shipped}
+if [[ -n ${COLOURLESS:-} ]]; then # the shipped model with an image tower that writes shape apart from colour
+    clip_run=("${ud[@]}" recipe shapes --out "$work/clip" --device "$device" --stage tokenizers --stage clip
+        --set "clip_colourless=$COLOURLESS")
+    [[ -n ${CLIP_STEPS:-} ]] && clip_run+=(--set "clip_steps=$CLIP_STEPS")
+    step clip "${clip_run[@]}" || exit
+    step probe-tower python3 -m unidiffuser.shapes.composition --image-encoder "$work/clip/clip/image_encoder" ||
+        exit
+    frozen=$work/colourless
+    if [[ ! -d $frozen ]]; then # assembled whole or not at all
+        rm -rf "$frozen.tmp" && cp -r "$shipped" "$frozen.tmp" && rm -rf "$frozen.tmp/image_encoder" &&
+            cp -r "$work/clip/clip/image_encoder" "$frozen.tmp/image_encoder" && mv "$frozen.tmp" "$frozen" || exit
+    fi
+    init=${INIT:-$frozen}
+fi
 [[ $init == scratch ]] && init=$work/shapes/components # the recipe's untrained U-ViT, from the seed
 [[ $init == "$work/shapes/components" || -f $init/network.safetensors ]] ||
     { echo "INIT=$init: no network.safetensors there" >&2; exit 2; }
