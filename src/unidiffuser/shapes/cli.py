@@ -124,7 +124,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument(
         "--preset", choices=PRESETS, default="full",
         help="full: the shipped model's recipe (about 16.3 hours on 2 CPU cores); hour: a smaller, weaker "
-        "model in about an hour there; smoke: every stage for a few steps (checks the plumbing)",
+        "model in about an hour there (46 to 81 min measured); smoke: every stage for a few steps (checks the plumbing)",
     )  # fmt: skip
     r.add_argument("--smoke", action="store_true", help="the same as --preset smoke")
     r.add_argument(
