@@ -226,9 +226,9 @@ def refuse_unknown(parser: argparse.ArgumentParser, command: str, unknown: list[
     command_parser = commands.choices[command]
     known = [o for a in command_parser._actions for o in a.option_strings if o.startswith("--")]
     hints = []
-    for arg in unknown:
+    for arg in (a for a in unknown if a.startswith("-")):
         near = difflib.get_close_matches(arg.split("=", 1)[0], known, n=2, cutoff=0.6)
-        if arg.startswith("-") and near:
+        if near:
             hints.append(f"{arg}: did you mean {' or '.join(near)}?")
     more = f" ({'; '.join(hints)})" if hints else ""
     command_parser.error(f"unrecognized arguments: {' '.join(unknown)}{more}; see --help")
