@@ -66,8 +66,9 @@ def as_bash(block: Block) -> str:
 def test_the_docs_pages_exist_and_hold_no_code_blocks():
     # their commands are checked inline only; a runnable block belongs in the README, whose blocks run
     assert DOCS, "docs/*.md is missing: the README points to it"
+    readme = README.read_text()
     for page in DOCS:
-        assert page.name in README.read_text(), f"the README does not link {page.name}"
+        assert page.name in readme, f"the README does not link {page.name}"
         assert not readme_blocks(page.read_text()), f"{page.name} has a fenced block that no test runs"
 
 
