@@ -446,6 +446,29 @@ def _tensors(path):
     return load_file(str(path))
 
 
+def test_a_stage_asked_for_alone_refuses_to_run_before_the_stages_it_reads(smoke_run, tmp_path):
+    def refuse(stage):
+        run_recipe(tmp_path, Recipe.smoke(threads=1), lambda _: None, only=[stage])
+
+    with pytest.raises(ValueError, match=r"stage decoder reads what stages tokenizers, clip make, and .* holds "
+                       r"no finished one: run --stage tokenizers --stage clip first"):  # fmt: skip
+        refuse("decoder")
+    with pytest.raises(
+        ValueError, match=r"stage tune reads what stage uvit makes, .*: run --stage uvit first"
+    ):
+        refuse("tune")
+    assert not (tmp_path / "decoder").exists() and not (tmp_path / "tune").exists()
+    # with the stages before it finished in the same call or earlier, it runs
+    lines: list[str] = []
+    run_recipe(tmp_path, Recipe.smoke(threads=1), lines.append, only=["tokenizers", "clip", "decoder"])
+    assert lines[-2:] == ["[decoder] running", lines[-1]] and lines[-1].startswith("[decoder] finished")
+    # a frozen source stands for the first four stages; the data stage is still missing
+    frozen = Recipe.smoke(threads=1, frozen_from=str(smoke_run[1]))
+    run_recipe(tmp_path / "f", frozen, lambda _: None, only=["components"])
+    with pytest.raises(ValueError, match=r"stage features reads what stage data makes"):
+        run_recipe(tmp_path / "f", frozen, lambda _: None, only=["features"])
+
+
 def test_frozen_from_takes_the_parts_of_a_model_and_trains_a_fresh_uvit(smoke_run, tmp_path):
     _, source, _ = smoke_run
     lines: list[str] = []

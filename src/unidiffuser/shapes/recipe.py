@@ -302,6 +302,7 @@ class _Stages:
 
     def __init__(self, out: Path, recipe: Recipe, log: Callable[[str], None], only: Sequence[str] | None):
         self.out, self.recipe, self.log, self.only = out, recipe, log, only
+        self.done: dict[str, Callable[[], bool]] = {}  # each stage's test, as the stages are reached
         self.record_path = out / "recipe.json"
         mine = {k: v for k, v in dataclasses.asdict(recipe).items() if k not in self.IGNORED}
         saved = self._read().get("recipe")
@@ -322,12 +323,24 @@ class _Stages:
         self.out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.record_path, json.dumps(record, indent=2) + "\n")
 
-    def run(self, name: str, done: Callable[[], bool], work: Callable[[], None]) -> None:
+    def run(
+        self, name: str, done: Callable[[], bool], work: Callable[[], None], needs: Sequence[str] = ()
+    ) -> None:
+        """Run stage ``name`` unless ``done()``; ``needs``: the stages it reads, which must be done."""
+        self.done[name] = done
         if self.only is not None and name not in self.only:
             return
         if done():
             self.log(f"[{name}] done already")
             return
+        missing = [n for n in needs if not self.done[n]()]
+        if missing:  # only with --stage: otherwise the stages before have just run
+            what = f"stage {missing[0]}" if len(missing) == 1 else f"stages {', '.join(missing)}"
+            flags = " ".join(f"--stage {n}" for n in missing)
+            raise ValueError(
+                f"stage {name} reads what {what} {'makes' if len(missing) == 1 else 'make'}, and {self.out} holds no finished one: run "
+                f"{flags} first with the same options, or leave out --stage to run every stage"
+            )
         self.log(f"[{name}] running")
         start = time.perf_counter()
         work()
@@ -348,8 +361,11 @@ def run_recipe(
 ) -> Path:
     """Run (or resume) every stage into ``out``, or only the named ones; returns ``out/model``.
 
-    A stage named in ``only`` needs the stages before it finished (stages of other names may run
-    at the same time in other processes: decoder and vae need only clip and tokenizers).
+    A stage named in ``only`` refuses to run before the stages it reads are finished (a
+    ValueError names them): decoder reads tokenizers and clip, components those two, vae and
+    decoder, features components and data, uvit components and features, tune uvit, model
+    components and the last training run. So stages that read nothing of each other may run at the
+    same time in other processes (tokenizers, clip, vae and data read nothing).
     """
     import torch
 
@@ -366,6 +382,7 @@ def run_recipe(
     if recipe.frozen_from:
         source = frozen_source(recipe.frozen_from)  # before any stage runs
         for name in FROZEN_STAGES:
+            stages.done[name] = lambda: True
             if only is None or name in only:
                 log(f"[{name}] taken from {source}")
     else:
@@ -382,17 +399,38 @@ def run_recipe(
         stages.run(
             "vae", lambda: (paths["vae"] / "vae_training.json").is_file(), lambda: _vae(paths["vae"], recipe)
         )
-        stages.run("decoder", lambda: (paths["decoder"] / "DONE").is_file(), lambda: _decoder(out, recipe))
+        stages.run(
+            "decoder",
+            lambda: (paths["decoder"] / "DONE").is_file(),
+            lambda: _decoder(out, recipe),
+            needs=("tokenizers", "clip"),
+        )
     stages.run(
         "components",
         lambda: (paths["components"] / "unidiffuser.json").is_file(),
         lambda: _components(out, recipe),
+        needs=FROZEN_STAGES,
     )
     stages.run("data", lambda: (out / "data" / "DONE").is_file(), lambda: _data(out / "data", recipe))
-    stages.run("features", lambda: (out / "features" / "DONE").is_file(), lambda: _features(out, recipe))
-    stages.run("uvit", lambda: (out / "uvit" / "DONE").is_file(), lambda: _uvit(out, recipe))
-    stages.run("tune", lambda: (out / "tune" / "DONE").is_file(), lambda: _tune(out, recipe))
-    stages.run("model", lambda: (out / "model" / "unidiffuser.json").is_file(), lambda: _model(out, recipe))
+    stages.run(
+        "features",
+        lambda: (out / "features" / "DONE").is_file(),
+        lambda: _features(out, recipe),
+        needs=("components", "data"),
+    )
+    stages.run(
+        "uvit",
+        lambda: (out / "uvit" / "DONE").is_file(),
+        lambda: _uvit(out, recipe),
+        needs=("components", "features"),
+    )
+    stages.run("tune", lambda: (out / "tune" / "DONE").is_file(), lambda: _tune(out, recipe), needs=("uvit",))
+    stages.run(
+        "model",
+        lambda: (out / "model" / "unidiffuser.json").is_file(),
+        lambda: _model(out, recipe),
+        needs=("components", "tune" if recipe.tune_steps else "uvit"),
+    )
     return out / "model"
 
 
