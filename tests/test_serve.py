@@ -142,6 +142,7 @@ def test_api_runs_every_task_as_the_pipeline_does(server, task):
     assert answer["texts"] == expected.texts
     settings = answer["settings"]
     assert settings["task"] == task and settings["steps"] == STEPS and settings["seed"] == 3
+    assert settings["grid"] == server.pipe.grid
     for name in TASKS[task].images:
         sent = base64.b64decode(fields[name])
         assert settings[name] == {"width": 32, "height": 32, "sha256": hashlib.sha256(sent).hexdigest()}
@@ -219,6 +220,38 @@ def test_api_refuses_bad_requests_with_a_clear_message(server, task, fields, sta
     response = server.client.post(f"/api/{task}", json=fields)
     assert response.status_code == status, response.text
     assert message in response.json()["error"]
+
+
+def test_api_answers_unknown_paths_and_methods_in_its_own_format(server):
+    response = server.client.get("/api/text_to_image")
+    assert response.status_code == 405 and response.headers["allow"] == "POST"
+    assert "send POST with a JSON object" in response.json()["error"]
+    for method, path in (("GET", "/api/nothing/here"), ("POST", "/api/joint/more"), ("DELETE", "/api/x")):
+        response = server.client.request(method, path)
+        assert response.status_code == 404, (method, path)
+        assert response.json()["error"].startswith(f"no API path {path}; GET /api lists the tasks")
+
+
+def test_command_says_whether_the_port_or_the_host_is_wrong(model_dir):
+    from unidiffuser.cli import main
+
+    for port in ("99999", "-1"):
+        with pytest.raises(SystemExit) as exit:  # argparse's own: usage and the problem on stderr
+            main(["serve", "--model", str(model_dir), "--port", port])
+        assert exit.value.code == 2
+    taken = bind("127.0.0.1", 0)
+    try:
+        port = str(taken.getsockname()[1])
+        with pytest.raises(
+            SystemExit, match=rf"cannot listen on 127.0.0.1:{port} .*; choose another with --port"
+        ):
+            main(["serve", "--model", str(model_dir), "--port", port])
+    finally:
+        taken.close()
+    with pytest.raises(
+        SystemExit, match=r"cannot listen on 999.1.1.1:0 .*; give --host an address of this machine"
+    ):
+        main(["serve", "--model", str(model_dir), "--host", "999.1.1.1", "--port", "0"])
 
 
 def test_api_refuses_bodies_that_are_not_json_objects(server):
@@ -493,7 +526,7 @@ def test_api_best_of_ranks_candidates_as_the_pipeline_does(server):
     ]
     assert answer["settings"]["best_of"] == 3
     drawn = server.pipe.text_to_image(prompt, num_samples=2, steps=STEPS, seed=3, solver="dpm++3s")
-    assert "best_of" not in make_job(TASKS["image"], {}, LIMITS).settings("m")  # not a ranked task
+    assert "best_of" not in make_job(TASKS["image"], {}, LIMITS).settings("m", "time")  # not a ranked task
     assert [png_bytes(im) for im in expected.images] != [png_bytes(im) for im in drawn.images]
 
 

@@ -44,8 +44,9 @@ FP8_SCALINGS = ("row", "tensor", "static")  # fast.FP8_SCALINGS, kept here so th
 DTYPES = ("fp32", "bf16", "fp16")
 
 
-def add_speed_arguments(p: argparse.ArgumentParser) -> None:
-    """--dtype, --fast and --fp8, as `sample` and `serve` take them."""
+def add_speed_arguments(p: argparse.ArgumentParser, calibration_steps: str) -> None:
+    """--dtype, --fast and --fp8, as `sample` and `serve` take them; ``calibration_steps`` says at how
+    many steps static fp8 scales calibrate."""
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="weights dtype")
     p.add_argument(
         "--fast", action="store_true",
@@ -55,7 +56,7 @@ def add_speed_arguments(p: argparse.ArgumentParser) -> None:
         "--fp8", nargs="?", const="row", choices=FP8_SCALINGS, default=None, metavar="SCALING",
         help="fp8 linear layers (implies --fast; Hopper/Ada GPUs), with scales per row or per tensor "
         "found at every call (no faster than bf16 on an H100), or static: fixed scales from one "
-        "calibration run of joint, t2i and i2t on the plain network at --steps (calibrate_on_every_task), "
+        f"calibration run of joint, t2i and i2t on the plain network at {calibration_steps} (calibrate_on_every_task), "
         "which made t2i 1.2 times as fast as bf16 on an H100; SCALING left out: row",
     )  # fmt: skip
 
@@ -291,7 +292,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--data-type", type=int, choices=(0, 1), default=1, help="v1 data_type: 1 curated, 0 web")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    add_speed_arguments(p)
+    add_speed_arguments(p, "--steps")
     p.add_argument("--out", default="samples", help="output folder")
     p.set_defaults(func=cmd_sample)
 

@@ -8,6 +8,7 @@ only registers the command; Gradio, FastAPI and torch are imported when it runs.
 from __future__ import annotations
 
 import argparse
+import errno
 import shutil
 import signal
 import sys
@@ -46,7 +47,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         sock = bind(args.host, args.port)
     except OSError as err:
-        raise SystemExit(f"unidiffuser serve: {err}; choose another with --port") from None
+        # a port taken or not ours to open is the port's fault; anything else the address's
+        port = err.errno in (errno.EADDRINUSE, errno.EACCES)
+        fix = (
+            "choose another with --port"
+            if port
+            else "give --host an address of this machine (127.0.0.1, 0.0.0.0)"
+        )
+        raise SystemExit(f"unidiffuser serve: {err}; {fix}") from None
     try:
         pipe, name = load_model(args.model, device, torch_dtype(args.dtype))
     except (FileNotFoundError, ValueError) as err:
@@ -94,10 +102,17 @@ def _nonnegative_int(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535 (0: any free one), got {text}")
+    return value
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from ..cli import HelpFormatter, positive_int
     from ..sample_cli import add_speed_arguments
-    from .jobs import Limits  # light: no Gradio, no server
+    from .jobs import DEFAULTS, Limits  # light: no Gradio, no server
 
     p = sub.add_parser(
         "serve", help="serve a model on a local web page and JSON API",
@@ -105,7 +120,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--model", default=None, help="model directory, or none for the shipped shapes model")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on (0: any free port)")
+    p.add_argument("--port", type=_port, default=DEFAULT_PORT, help="port to listen on (0: any free port)")
     p.add_argument(
         "--out", default=None,
         help="folder for everything the server writes, or none for a temporary one removed on exit",
@@ -132,5 +147,5 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="requests that may wait behind the running one; more are answered 'busy'",
     )  # fmt: skip
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    add_speed_arguments(p)
+    add_speed_arguments(p, f"the requests' default steps ({DEFAULTS['steps']}, or --max-steps if fewer)")
     p.set_defaults(func=cmd_serve)

@@ -2,8 +2,8 @@
 
 A request is a JSON object of the task's fields (images as base64 strings of their files); the
 answer is ``{"task", "settings", "images", "texts", "seconds"}`` with every image a base64 PNG.
-Errors answer ``{"error": message}``: 400 for a request to change, 404 for an unknown task,
-413 for a body too large, 503 with ``Retry-After`` when the queue is full.
+Errors answer ``{"error": message}``: 400 for a request to change, 404 for an unknown task or path,
+405 for a task's path asked with another method than POST, 413 for a body too large, 503 with ``Retry-After`` when the queue is full.
 """
 
 from __future__ import annotations
@@ -102,11 +102,20 @@ def api_router(worker: Worker, limits: Limits, model: str) -> APIRouter:
             return _error(500, f"{name} failed inside the server ({type(err).__name__}: {err}); see its log")
         answer = {
             "task": name,
-            "settings": job.settings(model),
+            "settings": job.settings(model, worker.pipe.grid),
             "images": [png_base64(image) for image in out.images],
             "texts": out.texts,
             "seconds": round(time.perf_counter() - start, 3),
         }
         return JSONResponse(answer)
+
+    @router.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+    def elsewhere(path: str, request: Request) -> JSONResponse:
+        if path in TASKS:  # a task's path with another method than POST
+            return _error(
+                405, f"{request.method} /api/{path}: send POST with a JSON object of the task's fields "
+                "(GET /api lists them)", Allow="POST",
+            )  # fmt: skip
+        return _error(404, f"no API path /api/{path}; GET /api lists the tasks, POST /api/TASK runs one")
 
     return router

@@ -56,7 +56,7 @@ def bind(host: str, port: int) -> socket.socket:
     """A listening socket on host:port (port 0: any free port).
 
     Raises:
-        OSError: the address is taken or cannot be bound; the message names it.
+        OSError: the address is taken or cannot be bound; the message names it, ``errno`` says why.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -65,7 +65,9 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as err:
         sock.close()
-        raise OSError(f"cannot listen on {host}:{port} ({err.strerror or err})") from None
+        error = OSError(f"cannot listen on {host}:{port} ({err.strerror or err})")
+        error.errno = err.errno  # what went wrong, for a caller to say what to change
+        raise error from None
     sock.listen(128)
     return sock
 

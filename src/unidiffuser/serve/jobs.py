@@ -179,8 +179,9 @@ class Job:
     guidance: float | None
     best_of: int | None = None
 
-    def settings(self, model: str) -> dict[str, Any]:
-        """Everything that fixes the result, as JSON values (images by size and SHA-256)."""
+    def settings(self, model: str, grid: str) -> dict[str, Any]:
+        """Everything that fixes the result, as JSON values (images by size and SHA-256); ``grid``
+        is the solver's time grid, the pipeline's (``UniDiffuser.grid``)."""
         settings: dict[str, Any] = {"task": self.task.name, "model": model}
         if self.prompt is not None:
             settings["prompt"] = self.prompt
@@ -192,6 +193,7 @@ class Job:
         if self.best_of is not None:
             settings["best_of"] = self.best_of
         settings["solver"] = "ddim" if self.task.name == "interpolate" else DEFAULT_SOLVER
+        settings["grid"] = grid
         return settings
 
 

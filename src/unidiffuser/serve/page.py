@@ -196,7 +196,9 @@ class Page:
             raise gr.Error(str(err), title="Busy", print_exception=False) from None
         except ValueError as err:  # the pipeline's own checks
             raise gr.Error(f"{task.name}: {err}", title=REQUEST_ERROR, print_exception=False) from None
-        settings = job.settings(self.model) | {"seconds": round(time.perf_counter() - start, 3)}
+        settings = job.settings(self.model, self.worker.pipe.grid) | {
+            "seconds": round(time.perf_counter() - start, 3)
+        }
         text = json.dumps(settings, indent=2)
         captions = out.texts if len(out.texts) == len(out.images) else [None] * len(out.images)
         return {
