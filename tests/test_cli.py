@@ -96,6 +96,40 @@ def test_an_output_folder_that_cannot_be_made_is_refused_before_the_work(tmp_pat
         main(["eval", "shapes", "--samples", "1", "--out", str(tmp_path / "missing" / "table.md")])
 
 
+def test_sample_refuses_empty_prompts_unused_scorers_and_folders_for_files(tmp_path):
+    folder, file = tmp_path / "a-folder", tmp_path / "a-file"
+    folder.mkdir()
+    file.write_text("not a model")
+    prompt = ["--prompt", "a red square"]
+    refused = [
+        (["--prompt", " "], "--prompt is empty; give words to draw"),
+        ([*prompt, "--scorer", str(folder)], r"--scorer ranks the candidates of --best-of K \(K >= 2\)"),
+        ([*prompt, "--best-of", "2", "--scorer", str(tmp_path / "no")], "--scorer .*no: no such folder"),
+        (["--mode", "i2t", "--image", str(folder)], "--image .*a-folder is a folder; give an image file"),
+        ([*prompt, "--model", str(file)], "--model .*a-file: .*a-file is a file, not a model directory"),
+        ([*prompt, "--out", str(file)], "--out .*a-file is a file; name a folder to write into"),
+    ]
+    for args, message in refused:
+        with pytest.raises(SystemExit, match=f"^unidiffuser sample: {message}"):
+            main(["sample", "--steps", "1", *args])
+    with pytest.raises(SystemExit, match=r"^unidiffuser demo: --out .*a-file is a file"):
+        main(["demo", "--steps", "1", "--out", str(file)])
+
+
+def test_sample_counts_its_progress_in_steps_and_records_the_device_it_used(tmp_path, capsys):
+    import json
+
+    assert (
+        main(
+            ["sample", "--prompt", "a big red circle in the center", "--steps", "10", "--out", str(tmp_path)]
+        )
+        == 0
+    )
+    bar = capsys.readouterr().err.replace("\r", "\n")
+    assert "10/10" in bar and "/4 " not in bar  # ten evaluations, in four steps of the order-3 solver
+    assert json.loads((tmp_path / "t2i_settings.json").read_text())["device"] == "cpu"
+
+
 def test_version_is_the_package_version():
     from pathlib import Path
 

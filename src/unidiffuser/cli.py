@@ -7,6 +7,7 @@ import difflib
 import importlib
 import sys
 import time
+from pathlib import Path
 
 # Modules that add their own subcommands: each defines register(subparsers) and keeps its heavy
 # imports inside the command functions, so that `unidiffuser --help` stays fast.
@@ -38,6 +39,17 @@ def nonnegative_float(text: str) -> float:
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
     return value
+
+
+def output_folder(out: str, command: str) -> Path:
+    """The folder ``--out`` names, made if missing; a file there is refused with the fix."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise SystemExit(
+            f"unidiffuser {command}: --out {out} is a file; name a folder to write into (made if missing)"
+        )
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def cmd_toy(args: argparse.Namespace) -> int:
@@ -101,13 +113,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .pipeline import UniDiffuser
     from .shipped import shipped_model_dir
 
+    out = output_folder(args.out, "demo")  # before the model loads: a bad folder fails at once
     try:
         pipe = UniDiffuser.from_pretrained(args.model if args.model is not None else shipped_model_dir())
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"unidiffuser demo: {err}") from None
     if args.grid is not None:
         pipe.grid = args.grid
-    page = write_gallery(pipe, args.out, steps=args.steps, guidance_scale=args.guidance, seed=args.seed)
+    page = write_gallery(pipe, out, steps=args.steps, guidance_scale=args.guidance, seed=args.seed)
     print(f"wrote {page} in {time.perf_counter() - start:.0f} s: open it in a browser")
     return 0
 

@@ -91,6 +91,11 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 def detect_layout(path: str | Path) -> str:
     """'ours', 'release' or 'diffusers', from the files a directory holds."""
     path = Path(path)
+    if path.is_file():
+        raise FileNotFoundError(
+            f"{path} is a file, not a model directory: give a folder that holds unidiffuser.json, the "
+            "release files or the diffusers layout"
+        )
     if not path.is_dir():
         raise FileNotFoundError(f"model directory not found: {path} ({RELEASE_HINT})")
     if (path / "unidiffuser.json").exists():

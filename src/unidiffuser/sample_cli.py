@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import os
 import sys
@@ -84,6 +85,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     """Run one task of a UniDiffuser model and write its images, captions, a grid and the settings."""
     from tqdm import tqdm
 
+    from .cli import output_folder
     from .components.images import make_grid
     from .devices import device_option
     from .fast import FastNetwork
@@ -103,9 +105,21 @@ def cmd_sample(args: argparse.Namespace) -> int:
             )
     if args.mode in NEEDS_PROMPT and not args.prompt:
         raise SystemExit(f"unidiffuser sample: --mode {args.mode} needs at least one --prompt")
+    if any(not prompt.strip() for prompt in args.prompt or []):
+        raise SystemExit("unidiffuser sample: --prompt is empty; give words to draw (for the unconditional "
+                         "image, use --mode i)")  # fmt: skip
+    if args.scorer is not None and args.best_of == 1:
+        raise SystemExit("unidiffuser sample: --scorer ranks the candidates of --best-of K (K >= 2); "
+                         "give --best-of or leave --scorer out")  # fmt: skip
+    if args.scorer is not None and not Path(args.scorer).is_dir():
+        raise SystemExit(f"unidiffuser sample: --scorer {args.scorer}: no such folder (a whole CLIP "
+                         "checkpoint in transformers' layout)")  # fmt: skip
     if args.mode in NEEDS_IMAGE and not args.image:
         raise SystemExit(f"unidiffuser sample: --mode {args.mode} needs at least one --image")
     for image in args.image or []:
+        if Path(image).is_dir():
+            raise SystemExit(f"unidiffuser sample: --image {image} is a folder; give an image file (repeat "
+                             "--image for several)")  # fmt: skip
         if not Path(image).is_file():
             raise SystemExit(f"unidiffuser sample: --image {image}: no such file")
     if args.mode == "interp":
@@ -126,8 +140,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         )
     dtype = torch_dtype(args.dtype)
     device = device_option(args.device, "unidiffuser sample")
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)  # before the work: a folder that cannot be made fails here
+    out_dir = output_folder(args.out, "sample")  # before the work: a folder that cannot be made fails here
     try:
         model = args.model if args.model is not None else shipped_model_dir()
         pipe = UniDiffuser.from_pretrained(model, device=device, dtype=dtype, scorer=args.scorer)
@@ -151,20 +164,22 @@ def cmd_sample(args: argparse.Namespace) -> int:
     pipe.grid = args.grid
     apply_speed_arguments(pipe, args, args.steps)
 
-    solver_steps = len(official_orders(args.steps)) if args.solver == "dpm++3s" else args.steps
+    # The bar counts model evaluations, as --steps does; a step of the order-3 solver makes up to three.
+    orders = official_orders(args.steps) if args.solver == "dpm++3s" else [1] * args.steps
+    evaluations = list(itertools.accumulate(orders))  # after each solver step
     # A sampling loop captured as one CUDA graph has no steps to report: no bar then; nor has
     # interpolation (a caption, an inversion and the way back), which takes no progress callback.
     loops = isinstance(pipe.sampler, FastNetwork) and pipe.sampler.captures_loops
     bar = tqdm(
-        total=solver_steps,
+        total=args.steps,
         desc=args.mode,
         unit="step",
         file=sys.stderr,
         disable=loops or args.mode == "interp",
     )
 
-    def advance(done: int, total: int) -> None:
-        bar.update(done - bar.n)
+    def advance(done: int, total: int) -> None:  # done of total solver steps
+        bar.update((evaluations[done - 1] if done else 0) - bar.n)
 
     progress = None if loops else advance
 
@@ -213,6 +228,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         _atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
         files.append(path.name)
     settings = {k: v for k, v in vars(args).items() if k != "func"}
+    settings["device"] = str(device)  # the one used, not "auto"
     settings["outputs"] = files
     settings["captions"] = out.texts
     path = out_dir / f"{args.mode}_settings.json"
