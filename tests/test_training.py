@@ -355,6 +355,10 @@ def test_resume_equals_no_interruption(straight, tmp_path):
     resumed = train(replace(config, resume=True))
     assert resumed.step == 4
     assert losses(tmp_path) == losses(out)  # steps 3 and 4 saw the same data and noise
+    again = train(replace(config, resume=True))  # finished already: no step, the same checkpoint
+    assert (
+        again.step == 4 and again.checkpoint == resumed.checkpoint == tmp_path / "checkpoints" / "step_000004"
+    )
     for which in ("model", "ema"):
         assert_same_weights(
             weights(resumed.checkpoint, which), weights(out / "checkpoints/step_000004", which)

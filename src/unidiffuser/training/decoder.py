@@ -491,7 +491,7 @@ def train_decoder(config: DecoderTrainConfig) -> DecoderTrainResult:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.mixed_precision == "bf16")
     window, window_steps, window_start = 0.0, 0, time.perf_counter()
     grad_norm = torch.zeros(())
-    last_checkpoint = None
+    last_checkpoint = start.path if start is not None else None  # a finished run resumed stays there
     log.bar = tqdm(total=config.steps, initial=step, desc="caption decoder", unit="step", dynamic_ncols=True)
     while step < config.steps:
         torch.manual_seed(derive_seed(config.seed, "dropout", step))  # a resumed run drops the same units

@@ -622,7 +622,7 @@ def train(config: TrainConfig) -> TrainResult:
     window = torch.zeros(len(names) + 2, device=device)  # loss, per-modality losses, micro-steps
     grad_norm = torch.zeros((), device=device)
     window_start, window_steps = time.perf_counter(), 0
-    last_checkpoint = None
+    last_checkpoint = start.path if start is not None else None  # a finished run resumed stays there
     if is_main:
         log.bar = tqdm(total=config.steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
     model.train()
