@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+MIN_TILE = 128  # pixels a side of a tile in the grids; smaller pictures are enlarged
 PROMPTS = (
     "a big red circle in the center",
     "a small blue square at the top left",
@@ -80,8 +81,12 @@ def write_gallery(
         guidance_scale = pipe.guidance_scale  # the model's own
     guided = {**common, "guidance_scale": guidance_scale}
 
+    # small pictures are enlarged (nearest pixel) so that a tile holds a caption's longest word
+    scale = max(1, -(-MIN_TILE // size))
+
     def save(section: Section, images: list[Image.Image], captions: list[str], columns: int) -> None:
-        make_grid(images, captions, columns=columns).save(out / f"{section.name}.png.tmp", format="PNG")
+        tiles = [im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in images]
+        make_grid(tiles, captions, columns=columns).save(out / f"{section.name}.png.tmp", format="PNG")
         (out / f"{section.name}.png.tmp").replace(out / f"{section.name}.png")
         section.captions = captions
         sections.append(section)
@@ -112,9 +117,9 @@ def write_gallery(
     save(Section("text", "Text", note, seconds=t), [_scene_picture(c, size) for c in r.texts], r.texts, 4)
 
     r, t = timed(pipe.image_variation, renders, **guided)
-    s = Section("image_variation", "Image variation", "top row: the sources; bottom row: their variations",
-                seconds=t)  # fmt: skip
-    save(s, [*renders, *r.images], [""] * 4 + (r.texts or [""] * 4), 4)
+    note = "top row: the sources, each with the caption read from it; bottom row: the pictures drawn from those captions"
+    s = Section("image_variation", "Image variation", note, seconds=t)
+    save(s, [*renders, *r.images], (r.texts or [""] * 4) + [""] * 4, 4)
 
     r, t = timed(pipe.text_variation, list(PROMPTS), **guided)
     note = "each prompt's new caption; pictures are the world's rendering of the new caption"
