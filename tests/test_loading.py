@@ -421,3 +421,59 @@ def test_loading_errors(release_dir, tmp_path):
     (broken / "release_config.json").unlink()  # now the released v1 architecture is assumed
     with pytest.raises(ValueError, match="released UniDiffuser"):
         UniDiffuser.from_pretrained(broken)
+
+
+DAMAGED = [
+    (
+        "autoencoder.safetensors",
+        None,
+        r"cannot read its autoencoder \(SafetensorError: .*convert or copy the model again",
+    ),
+    ("image_encoder/model.safetensors", None, r"cannot read its image encoder \(SafetensorError"),
+    ("caption_decoder.safetensors", None, r"cannot read weights from .*caption_decoder\.safetensors"),
+    ("unidiffuser.json", lambda m: m.pop("network"), r"unidiffuser\.json: no 'network' object"),
+    (
+        "unidiffuser.json",
+        lambda m: m["network"].update(width="big"),
+        r"network: width='big': expected a whole",
+    ),
+    (
+        "unidiffuser.json",
+        lambda m: m["network"].update(num_heads=0),
+        r"network: num_heads=0: expected a whole",
+    ),
+    (
+        "unidiffuser.json",
+        lambda m: m["network"].update(colour=1),
+        r"network: not a network config \(TypeError",
+    ),
+    (
+        "unidiffuser.json",
+        lambda m: m.update(data_type=7),
+        r"data_type 7: expected 0 \(web\) or 1 \(curated\)",
+    ),
+]
+
+
+@pytest.mark.parametrize(("damaged", "change", "message"), DAMAGED)
+def test_a_damaged_model_folder_is_named_in_one_line(pipe, tmp_path, damaged, change, message):
+    import json
+    import shutil
+
+    good = tmp_path / "good"
+    pipe.save_pretrained(good)
+    folder = tmp_path / "damaged"
+    shutil.copytree(good, folder)
+    path = folder / damaged
+    if change is None:  # 16 bytes of junk over the start of a weights file
+        with path.open("r+b") as file:
+            file.write(b"\0" * 16)
+    else:
+        meta = json.loads(path.read_text())
+        change(meta)
+        path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=message):
+        UniDiffuser.from_pretrained(folder)
+    (folder / "unidiffuser.json").write_text("{oops")
+    with pytest.raises(ValueError, match=r"unidiffuser\.json: not JSON \(Expecting property name"):
+        UniDiffuser.from_pretrained(folder)

@@ -1,6 +1,7 @@
 """The multi-modal U-ViT: shapes, layouts, precision, checkpointing, resizing and bad inputs."""
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -139,6 +140,22 @@ def test_config_is_frozen_and_validated():
         UViTConfig.from_dict({**cfg.to_dict(), "modalities": [{"name": "a", "kind": "audio", "shape": [1]}]})
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         preset("huge")
+    # numbers of the wrong kind are refused here, not met as a ZeroDivisionError or an empty layer
+    for field, value, message in [
+        ("num_heads", 0, "num_heads=0: expected a whole number >= 1"),
+        ("width", 0, "width=0: expected a whole number >= 1"),
+        ("width", 64.0, "width=64.0: expected a whole number"),
+        ("mlp_ratio", 0, "mlp_ratio=0: expected a number > 0"),
+        ("qkv_bias", "yes", "qkv_bias='yes': expected true or false"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            dataclasses.replace(cfg, **{field: value})
+    with pytest.raises(ValueError, match=r"patch_size=0: expected a whole number >= 1"):
+        image("x", 4, 8, 8, "g", patch_size=0)
+    with pytest.raises(ValueError, match=r"shape=\(4, 8.0, 8\): expected whole numbers >= 1"):
+        image("x", 4, 8.0, 8, "g")
+    with pytest.raises(ValueError, match=r"not a network config \(KeyError: 'groups'\)"):
+        UViTConfig.from_dict({k: v for k, v in cfg.to_dict().items() if k != "groups"})
 
 
 BAD = [

@@ -164,8 +164,8 @@ def load_pipeline(
     from .pipeline import UniDiffuser
 
     directory = model_directory(path)
-    network = directory.network()
-    parts = [getattr(directory, name)() for name in COMPONENTS]
+    network = directory.load("network")
+    parts = [directory.load(name) for name in COMPONENTS]
     judge = ClipScorer.from_pretrained_dir(scorer) if scorer is not None else directory.scorer()
     pipe = UniDiffuser(
         network,
@@ -196,9 +196,13 @@ def load_components(
     if unknown or not names:
         raise ValueError(f"components {list(names)}: choose one or more of {list(COMPONENTS)}")
     directory = model_directory(path)
-    loaded = {name: getattr(directory, name)() for name in names}
+    loaded = {name: directory.load(name) for name in names}
     components = Components(
-        directory.network_config(), directory.data_type, directory.guidance_scale, directory.grid, **loaded
+        directory.load("network_config"),
+        directory.data_type,
+        directory.guidance_scale,
+        directory.grid,
+        **loaded,
     )
     return components.to(device=torch.device(device), dtype=dtype)
 
@@ -220,6 +224,20 @@ class ModelDirectory:
 
     def __init__(self, path: Path):
         self.path = path
+
+    def load(self, part: str):
+        """One part (a method's name: "network", "autoencoder", ...), with any failure to read its
+        files (damaged, or written by something else) said in one line that names the folder."""
+        try:
+            return getattr(self, part)()
+        except (FileNotFoundError, ValueError):
+            raise  # their messages already name the file and the fix
+        except Exception as err:
+            what = part.replace("_", " ")
+            raise ValueError(
+                f"{self.path}: cannot read its {what} ({type(err).__name__}: {err}); its files are damaged "
+                "or not written by this package: convert or copy the model again"
+            ) from err
 
     def network_config(self) -> UViTConfig:
         raise NotImplementedError
@@ -250,13 +268,26 @@ class ModelDirectory:
 class OursDirectory(ModelDirectory):
     def __init__(self, path: Path):
         super().__init__(path)
-        self.meta = json.loads((path / "unidiffuser.json").read_text())
+        where = path / "unidiffuser.json"
+        try:
+            self.meta = json.loads(where.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{where}: not JSON ({err}); the model folder is damaged") from None
+        if not isinstance(self.meta, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(self.meta).__name__}")
+        missing = [key for key in ("network", "caption_decoder") if not isinstance(self.meta.get(key), dict)]
+        if missing:
+            raise ValueError(
+                f"{where}: no {' or '.join(repr(k) for k in missing)} object; the model folder is damaged"
+            )
         if self.meta.get("format") != FORMAT or self.meta.get("version") != VERSION:
             raise ValueError(
                 f"{path / 'unidiffuser.json'}: format {self.meta.get('format')!r} version "
                 f"{self.meta.get('version')!r}, expected {FORMAT!r} {VERSION}"
             )
-        self.data_type = int(self.meta.get("data_type", 1))
+        self.data_type = self.meta.get("data_type", 1)
+        if self.data_type not in (0, 1) or isinstance(self.data_type, bool):
+            raise ValueError(f"{where}: data_type {self.data_type!r}: expected 0 (web) or 1 (curated)")
         sampling = self.meta.get("sampling", {})
         if not isinstance(sampling, dict):
             raise ValueError(f"{path / 'unidiffuser.json'}: 'sampling' must be an object, got {sampling!r}")
@@ -267,7 +298,10 @@ class OursDirectory(ModelDirectory):
         self.grid = check_grid(sampling.get("grid", "time"), f"{path / 'unidiffuser.json'}: sampling.grid")
 
     def network_config(self) -> UViTConfig:
-        return UViTConfig.from_dict(self.meta["network"])
+        try:
+            return UViTConfig.from_dict(self.meta["network"])
+        except ValueError as err:
+            raise ValueError(f"{self.path / 'unidiffuser.json'}: network: {err}") from None
 
     def network(self) -> UViT:
         network = UViT(self.network_config())

@@ -29,6 +29,12 @@ KINDS = ("image", "vector", "sequence", "label")
 MAX_TIME = 1000.0  # the network's timestep scale; schedule.network_time maps onto it
 
 
+def _check_whole(where: str, value, minimum: int) -> None:
+    """A ValueError unless ``value`` is an int (not a bool) of at least ``minimum``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{where}={value!r}: expected a whole number >= {minimum}")
+
+
 @dataclass(frozen=True)
 class Modality:
     """One input of the network.
@@ -61,8 +67,10 @@ class Modality:
                 f"modality {self.name!r}: a {self.kind} needs a shape of {expected_ndim} numbers, "
                 f"got shape={self.shape}"
             )
-        if any(s < 1 for s in self.shape):
-            raise ValueError(f"modality {self.name!r}: shape={self.shape} has a size below 1")
+        if any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in self.shape):
+            raise ValueError(f"modality {self.name!r}: shape={self.shape}: expected whole numbers >= 1")
+        _check_whole(f"modality {self.name!r}: patch_size", self.patch_size, 1)
+        _check_whole(f"modality {self.name!r}: num_classes", self.num_classes, 0)
         if self.kind == "label":
             if self.group is not None:
                 raise ValueError(f"label {self.name!r} is not diffused: group must be None")
@@ -147,8 +155,16 @@ class UViTConfig:
                 f"groups={self.groups} but the modalities use {sorted(used)}: every group needs "
                 f"at least one modality and every modality a declared group"
             )
-        if self.depth < 0 or self.depth % 2:
+        _check_whole("width", self.width, 1)
+        _check_whole("num_heads", self.num_heads, 1)
+        _check_whole("depth", self.depth, 0)
+        if self.depth % 2:
             raise ValueError(f"depth={self.depth} must be even and >= 0 (in + out blocks)")
+        ratio = self.mlp_ratio
+        if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 < ratio < float("inf"):
+            raise ValueError(f"mlp_ratio={ratio!r}: expected a number > 0")
+        if not isinstance(self.qkv_bias, bool):
+            raise ValueError(f"qkv_bias={self.qkv_bias!r}: expected true or false")
         if self.width % self.num_heads:
             raise ValueError(f"width={self.width} is not divisible by num_heads={self.num_heads}")
         if self.norm not in ("post", "pre"):
@@ -193,9 +209,13 @@ class UViTConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> UViTConfig:
-        mods = tuple(Modality(**{**m, "shape": tuple(m["shape"])}) for m in d["modalities"])
-        rest = {k: v for k, v in d.items() if k not in ("modalities", "groups")}
-        return cls(modalities=mods, groups=tuple(d["groups"]), **rest)
+        """The config ``to_dict`` wrote; anything else is a ValueError that says what is wrong."""
+        try:
+            mods = tuple(Modality(**{**m, "shape": tuple(m["shape"])}) for m in d["modalities"])
+            rest = {k: v for k, v in d.items() if k not in ("modalities", "groups")}
+            return cls(modalities=mods, groups=tuple(d["groups"]), **rest)
+        except (KeyError, TypeError) as err:  # a key missing or unknown, a value of the wrong kind
+            raise ValueError(f"not a network config ({type(err).__name__}: {err})") from None
 
 
 # ---------------------------------------------------------------------------------------------
