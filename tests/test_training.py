@@ -423,6 +423,17 @@ def test_keep_last_and_damaged_checkpoints(tmp_path):
     complete, incomplete = find_checkpoints(tmp_path / "checkpoints")
     assert [c.step for c in complete] == [3]
     assert "optimizer.pt is missing or has the wrong size" in incomplete[0][1]
+    # damage that keeps the size: 16 bytes of junk over the start of a file
+    for name in ("ema.safetensors", "optimizer.pt"):
+        with (complete[-1].path / name).open("r+b") as file:
+            head = file.read(16)
+            file.seek(0)
+            file.write(b"\0" * 16)
+        damaged, incomplete = find_checkpoints(tmp_path / "checkpoints")
+        assert damaged == [] and f"{name} cannot be read" in incomplete[0][1]
+        with (complete[-1].path / name).open("r+b") as file:
+            file.write(head)
+    assert [c.step for c in find_checkpoints(tmp_path / "checkpoints")[0]] == [3]
 
 
 def test_fine_tune_from_a_checkpoint_or_a_state_dict(straight, tmp_path):

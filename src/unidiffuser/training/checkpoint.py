@@ -235,6 +235,19 @@ def prune_checkpoints(directory: str | Path, keep_last: int, *, kind: str = FORM
 # Reading
 
 
+def _open_file(path: Path) -> None:
+    """Read a weights file's index (a safetensors header, a torch zip's pickle; the tensors are
+    mapped, not read): a file damaged where that lies is a ValueError, found before a run starts."""
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as file:
+                file.keys()
+        elif path.suffix == ".pt":
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # the readers raise their own kinds
+        raise ValueError(f"{path.parent}: {path.name} cannot be read ({type(err).__name__}: {err})") from None
+
+
 def read_checkpoint(path: str | Path, *, kind: str = FORMAT) -> Checkpoint:
     """Validate one checkpoint directory; raises ValueError naming what is missing."""
     path = Path(path)
@@ -256,6 +269,7 @@ def read_checkpoint(path: str | Path, *, kind: str = FORMAT) -> Checkpoint:
         f = path / name
         if not f.is_file() or f.stat().st_size != size:
             raise ValueError(f"{path}: {name} is missing or has the wrong size")
+        _open_file(f)
     return Checkpoint(path=path, step=int(state["step"]), state=state)
 
 
@@ -291,7 +305,7 @@ def starting_checkpoint(
     """
     complete, incomplete = find_checkpoints(directory, kind=kind)
     for path, reason in incomplete:
-        note(f"ignoring incomplete checkpoint {path.name}: {reason}")
+        note(f"ignoring checkpoint {path.name}: {reason}")
     if complete and not resume:
         raise ValueError(
             f"output_dir = {output_dir!r} already holds checkpoints (newest {complete[-1].path.name}); "
