@@ -35,7 +35,7 @@ from unidiffuser.training import (
 )
 from unidiffuser.training.cli import main as train_cli
 from unidiffuser.training.config import parse_toml
-from unidiffuser.training.data import FeatureArrays, ReadAhead
+from unidiffuser.training.data import FeatureArrays, ReadAhead, UnusableData
 from unidiffuser.training.trainer import lr_factor, parameter_groups, warmup_factor
 
 TOY_ARCH = ToyWorld().config(width=32, depth=2, num_heads=2)
@@ -680,9 +680,36 @@ def test_data_in_memory_gives_up_on_bad_rows_in_a_row_as_reading_does(tmp_path):
         DataStream(source, 4, seed=0, max_misses=5),
         DataStream(FeatureArrays(source), 4, seed=0, max_misses=5),
     ):
-        with pytest.raises(RuntimeError, match=r"5 bad examples in a row .*non_finite.*unusable"):
+        with pytest.raises(
+            UnusableData, match=r"5 bad examples in a row .*non_finite.*unusable: extract it again"
+        ):
             for _ in range(4):
                 stream.next_batch()
+    assert issubclass(UnusableData, ValueError)  # so `unidiffuser train` ends in one line
+
+
+def test_a_shard_whose_tensors_are_not_the_ones_its_metadata_lists_is_left_out(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path / "shards"
+    write_feature_shard(
+        root / "a.safetensors", shard_tensors(8, 1, per_example_label=True), {"moments": ["img"]}
+    )
+    write_feature_shard(
+        root / "b.safetensors", shard_tensors(8, 2, per_example_label=True), {"moments": ["img"]}
+    )
+    with safe_open(str(root / "b.safetensors"), "pt") as f:
+        header = f.metadata()
+    tensors = load_file(str(root / "b.safetensors"))
+    save_file(
+        {k: v for k, v in tensors.items() if k != "clip_img"}, str(root / "b.safetensors"), metadata=header
+    )
+    source = FeatureShards(root, SHARD_MODEL)
+    ((path, reason),) = source.bad_shards
+    assert Path(path).name == "b.safetensors" and "its metadata lists" in reason and len(source) == 8
+    save_file({k: v[:0] for k, v in tensors.items()}, str(root / "b.safetensors"), metadata=header)  # 0 rows
+    assert "its metadata lists" in FeatureShards(root, SHARD_MODEL).bad_shards[0][1]
 
 
 def test_data_in_memory_refuses_data_larger_than_the_memory_it_may_take(shards):

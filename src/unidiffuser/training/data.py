@@ -97,6 +97,10 @@ def sample_latent(
     return (mean + std * noise) * scale_factor
 
 
+class UnusableData(ValueError):
+    """So many examples in a row could not be used that the data as a whole cannot be."""
+
+
 class SkipExample(Exception):
     """An example that cannot be used; ``reason`` names the counter it is added to."""
 
@@ -189,14 +193,19 @@ def write_feature_shard(
 
 
 def read_shard_metadata(path: str | Path) -> dict[str, Any]:
-    """The JSON metadata of one shard (raises on an unreadable or foreign file)."""
+    """The JSON metadata of one shard (raises on an unreadable or foreign file, or one whose
+    tensors are not the ones its metadata lists)."""
     with safe_open(str(path), "pt") as f:
         header = (f.metadata() or {}).get(METADATA_KEY)
+        stored = {name: list(f.get_slice(name).get_shape()) for name in f.keys()}
     if header is None:
         raise ValueError(f"{path}: no {METADATA_KEY!r} metadata; not written by write_feature_shard")
     meta = json.loads(header)
     if meta.get("format") != SHARD_FORMAT or meta.get("version") != SHARD_VERSION:
         raise ValueError(f"{path}: format {meta.get('format')!r} version {meta.get('version')!r} is not ours")
+    listed = {name: [meta["count"], *info["shape"]] for name, info in meta["tensors"].items()}
+    if stored != listed:
+        raise ValueError(f"{path}: holds tensors {stored}, its metadata lists {listed}")
     return meta
 
 
@@ -671,8 +680,8 @@ class DataStream:
                 self.skipped[e.reason] += 1
                 misses += 1
                 if misses >= self.max_misses:
-                    raise RuntimeError(
-                        f"{misses} bad examples in a row (last: {e}); the data is unusable"
+                    raise UnusableData(
+                        f"{misses} bad examples in a row (last: {e}); the data is unusable: extract it again"
                     ) from e
         return {name: torch.stack([item[name] for item in items]) for name in items[0]}
 
@@ -694,8 +703,8 @@ class DataStream:
                     if code:
                         self.skipped[BAD_REASONS[code - 1]] += 1
                     if misses >= self.max_misses:
-                        raise RuntimeError(
-                            f"{misses} bad examples in a row (last: {BAD_REASONS[code - 1]}); the data is unusable"
+                        raise UnusableData(
+                            f"{misses} bad examples in a row (last: {BAD_REASONS[code - 1]}); the data is unusable: extract it again"
                         )
                 indices = indices[codes == 0]
             else:
