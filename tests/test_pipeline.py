@@ -110,6 +110,27 @@ BAD = [
     (lambda p: p.interpolate(picture(), picture(), frames=1), "frames=1: expected an integer >= 2"),
     (lambda p: p.hop("a dog", hops=0), "hops=0"),
     (lambda p: p("paint"), "mode='paint'"),
+    # a zero size is not the trained size; an infinite or boolean scale is no scale
+    (lambda p: p.text_to_image("a", height=0, steps=1), "height=0: expected a positive multiple of 16"),
+    (lambda p: p.joint(width=True, steps=1), "width=True: expected a positive multiple"),
+    (
+        lambda p: p.text_to_image("a", guidance_scale=float("inf"), steps=1),
+        "guidance_scale=inf: expected a finite",
+    ),
+    (lambda p: p.image_to_text(picture(), guidance_scale=True, steps=1), "guidance_scale=True"),
+    (lambda p: setattr(p, "guidance_scale", -5), r"guidance_scale=-5: expected a finite number >= 0"),
+    (
+        lambda p: p.to(dtype="float16"),
+        r"dtype='float16': expected torch.float32, torch.bfloat16 or torch.float16",
+    ),
+    (lambda p: p.to(dtype=torch.int64), r"dtype=torch.int64: expected torch.float32"),
+    (lambda p: p.to(device="gpu"), "device 'gpu': not a device name; use cpu, cuda, cuda:N or auto"),
+    # hop: a missing image file is not taken for a prompt
+    (
+        lambda p: p.hop("photo_of_a_circle.png", hops=1, steps=1),
+        "image file not found: 'photo_of_a_circle.png'",
+    ),
+    (lambda p: p.hop(" ", hops=1, steps=1), "start: an empty string"),
 ]
 
 

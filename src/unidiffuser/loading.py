@@ -161,8 +161,9 @@ def load_pipeline(
     directory's own ``scorer/`` where it has one (only our format does).
     """
     from .components.scorer import ClipScorer
-    from .pipeline import UniDiffuser
+    from .pipeline import UniDiffuser, check_placement
 
+    device, dtype = check_placement(device, dtype)  # before any file is read
     directory = model_directory(path)
     network = directory.load("network")
     parts = [directory.load(name) for name in COMPONENTS]
@@ -175,7 +176,7 @@ def load_pipeline(
         grid=directory.grid,
         scorer=judge,
     )
-    return pipe.to(device=torch.device(device), dtype=dtype)
+    return pipe.to(device=device, dtype=dtype)
 
 
 def load_components(
@@ -192,9 +193,12 @@ def load_components(
         names: any of ``COMPONENTS``.
         device, dtype: where the components go.
     """
+    from .pipeline import check_placement
+
     unknown = [name for name in names if name not in COMPONENTS]
     if unknown or not names:
         raise ValueError(f"components {list(names)}: choose one or more of {list(COMPONENTS)}")
+    device, dtype = check_placement(device, dtype)
     directory = model_directory(path)
     loaded = {name: directory.load(name) for name in names}
     components = Components(
@@ -204,7 +208,7 @@ def load_components(
         directory.grid,
         **loaded,
     )
-    return components.to(device=torch.device(device), dtype=dtype)
+    return components.to(device=device, dtype=dtype)
 
 
 def model_directory(path: str | Path) -> ModelDirectory:

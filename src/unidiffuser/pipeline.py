@@ -106,7 +106,7 @@ class UniDiffuser:
         self.scorer = scorer
         self.schedule = schedule or NoiseSchedule()
         self.data_type = data_type
-        self.guidance_scale = check_guidance_scale(guidance_scale, "guidance_scale")
+        self.guidance_scale = guidance_scale
         self.grid = grid
         img = cfg.modality("img")
         self.latent_channels, self.latent_size = img.shape[0], img.shape[1:]
@@ -115,6 +115,15 @@ class UniDiffuser:
         self._fast: FastNetwork | None = None
         self._fast_captions: bool | None = None  # enable_fast_sampling's choice; None: automatic
         self._compile_captions = False
+
+    @property
+    def guidance_scale(self) -> float:
+        """The guidance scale of every call that does not give one (checked when set)."""
+        return self._guidance_scale
+
+    @guidance_scale.setter
+    def guidance_scale(self, value: float) -> None:
+        self._guidance_scale = check_guidance_scale(value, "guidance_scale")
 
     @property
     def grid(self) -> str:
@@ -152,6 +161,9 @@ class UniDiffuser:
         save_pipeline(self, path)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> UniDiffuser:
+        """Every part on ``device`` (cpu, cuda, cuda:N or auto) in ``dtype`` (torch.float32,
+        torch.bfloat16 or torch.float16); None keeps what is there."""
+        device, dtype = check_placement(device, dtype)
         for part in (
             self.network,
             self.autoencoder,
@@ -289,10 +301,10 @@ class UniDiffuser:
     def check_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         """The pixel size a call would sample at (None: the trained size), or a ValueError."""
         h, w = self.default_size
-        h, w = height or h, width or w
+        h, w = h if height is None else height, w if width is None else width
         step = self.patch_pixels
         for name, value in (("height", h), ("width", w)):
-            if not isinstance(value, int) or value < step or value % step:
+            if not isinstance(value, int) or isinstance(value, bool) or value < step or value % step:
                 raise ValueError(f"{name}={value!r}: expected a positive multiple of {step} pixels")
         return h, w
 
@@ -628,7 +640,7 @@ class UniDiffuser:
         if not isinstance(hops, int) or hops < 1:
             raise ValueError(f"hops={hops!r}: expected an integer >= 1")
         gen = _generator(seed)
-        if isinstance(start, str) and not Path(start).exists():
+        if _is_prompt(start):
             given, first = {"text": self.encode_prompts([start])}, "t2i"
         else:
             given, first = self.encode_images([start], gen), "i2t"
@@ -715,6 +727,19 @@ def calibrate_on_every_task(pipe: UniDiffuser, *, steps: int = 50, seed: int = 0
     pipe.image_to_text(pair.images, steps=steps, seed=seed)
 
 
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_placement(device, dtype) -> tuple[torch.device | None, torch.dtype | None]:
+    """``device`` resolved (``devices.resolve_device``) and ``dtype`` checked, or a ValueError
+    naming the fix; None stays None."""
+    from .devices import resolve_device
+
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise ValueError(f"dtype={dtype!r}: expected torch.float32, torch.bfloat16 or torch.float16")
+    return (None if device is None else resolve_device(device)), dtype
+
+
 def check_guidance_scale(value, where: str) -> float:
     """A model's default guidance scale as a float, or a ValueError that says what ``where`` holds."""
     if (
@@ -756,6 +781,19 @@ def _check_prompts(prompts, name: str) -> list[str]:
     if bad:
         raise ValueError(f"{name}: expected strings, got {bad[:3]}")
     return prompts
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def _is_prompt(start) -> bool:
+    """Whether ``hop`` starts from text: a string that names no file and ends in no image suffix
+    (a missing "photo.png" is a missing image, not a prompt); an image or a Path is a picture."""
+    if not isinstance(start, str):
+        return False
+    if not start.strip():
+        raise ValueError("start: an empty string; give a prompt, an image or an image file")
+    return not Path(start).is_file() and Path(start).suffix.lower() not in IMAGE_SUFFIXES
 
 
 def _as_list(images) -> list:

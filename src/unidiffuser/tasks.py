@@ -22,6 +22,7 @@ solver step go through the network as one batched call.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
@@ -255,7 +256,11 @@ class TaskModel:
             )
         if guidance not in GUIDANCE_MODES:
             raise ValueError(f"guidance={guidance!r}: expected one of {GUIDANCE_MODES}")
-        if not isinstance(guidance_scale, (int, float)) or guidance_scale != guidance_scale:
+        if (
+            not isinstance(guidance_scale, (int, float))
+            or isinstance(guidance_scale, bool)
+            or not math.isfinite(guidance_scale)
+        ):
             raise ValueError(f"guidance_scale={guidance_scale!r}: expected a finite number")
         self.scale, self.mode = float(guidance_scale), guidance
         self.device, self.dtype = network.device, torch.float32
