@@ -276,6 +276,20 @@ def test_sample_grids_from_the_ema_network(model_dir, shards, tmp_path, capsys):
         load_components(str(model_dir), UViTConfig.from_dict(wide), torch.device("cpu"))
 
 
+def test_sample_images_that_are_no_pictures_are_refused_before_the_first_step(model_dir, shards, tmp_path):
+    notes = tmp_path / "notes.png"
+    notes.write_text("not a picture")
+    cfg = config(
+        tmp_path / "run", shards, model=ARCH.to_dict(), steps=3, components=str(model_dir), sample_every=2,
+        sample_images=(str(notes),),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"sample_images: cannot read .*notes\.png as an image"):
+        train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any(
+        (tmp_path / "run" / "checkpoints").iterdir()
+    )
+
+
 def test_no_samples_without_an_image_text_network_or_components(shards, tmp_path, capsys):
     train(TrainConfig(model="toy", data="toy", output_dir=str(tmp_path / "toy"), steps=2, batch_size=4,
                       warmup_steps=1, sample_every=1, checkpoint_every=2))  # fmt: skip

@@ -99,6 +99,10 @@ def straight(tmp_path_factory):
         ({"steps": "10"}, "steps = '10': has type str; give an integer"),
         ({"model": "smal"}, "model = 'smal': is no preset; did you mean 'small'?"),
         ({"loss_weights": {"img2": 1.0}}, "loss_weights.img2 = 1.0: names no diffused modality"),
+        (
+            {"loss_weights": {"img": 0, "clip_img": 0, "text": 0}},
+            "weighs every modality 0, so nothing would be learned; leave at least one above 0",
+        ),
         ({"batch_size": 10, "grad_accum": 4}, "batch_size = 10: is not divisible by grad_accum=4"),
         ({"betas": [0.9]}, "betas = (0.9,): needs two numbers in [0, 1)"),
         ({"distributed": "zero3"}, "distributed = 'zero3': is not one of ('ddp', 'fsdp')"),

@@ -197,6 +197,9 @@ class TrainConfig:
         for name, weight in self.loss_weights.items():
             if name not in diffused:
                 _fail(f"loss_weights.{name}", weight, "names no diffused modality", f"use one of {diffused}")
+        if all(self.loss_weights.get(name, 1.0) == 0 for name in diffused):
+            _fail("loss_weights", dict(self.loss_weights), "weighs every modality 0, so nothing would be learned",
+                  "leave at least one above 0")  # fmt: skip
 
     def model_config(self) -> UViTConfig:
         """The network architecture: a preset, the toy world's network, or an inline config.

@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
+from PIL import Image
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -393,6 +394,14 @@ class SampleWriter:
         missing = [p for p in config.sample_images if not Path(p).is_file()]
         if missing:
             raise ValueError(f"sample_images: no such file: {missing}")
+        for path in config.sample_images:  # read now, not at the first sample steps later
+            try:
+                with Image.open(path) as picture:
+                    picture.convert("RGB")
+            except Exception as err:
+                raise ValueError(
+                    f"sample_images: cannot read {path} as an image ({err}); give picture files"
+                ) from None
         self.every = config.sample_every
         if log.enabled:
             self.components = load_components(config.components, model_config, device)
