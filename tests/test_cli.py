@@ -94,6 +94,8 @@ def test_an_output_folder_that_cannot_be_made_is_refused_before_the_work(tmp_pat
     assert "step/s" not in capsys.readouterr().err  # refused before sampling began
     with pytest.raises(SystemExit, match=r"--out .*: its folder does not exist; create it first"):
         main(["eval", "shapes", "--samples", "1", "--out", str(tmp_path / "missing" / "table.md")])
+    with pytest.raises(SystemExit, match=r"--out .* is a folder; name the Markdown file to write"):
+        main(["eval", "shapes", "--samples", "1", "--out", str(tmp_path)])
 
 
 def test_sample_refuses_empty_prompts_unused_scorers_and_folders_for_files(tmp_path):

@@ -118,6 +118,19 @@ def test_config_errors_name_key_value_and_fix(values, message):
     assert message in str(info.value)
 
 
+def test_an_output_dir_or_init_from_that_is_a_damaged_file_is_named(tmp_path):
+    file = tmp_path / "afile"
+    file.write_text("x")
+    with pytest.raises(ValueError, match=r"output_dir = '.*afile': is a file; name a folder for the run"):
+        TrainConfig(model="toy", data="toy", output_dir=str(file))
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\xff" * 64)
+    with pytest.raises(
+        ValueError, match=r"init_from = '.*junk\.safetensors': cannot read it \(SafetensorError"
+    ):
+        train(TrainConfig(init_from=str(junk), data="toy", output_dir=str(tmp_path / "run"), steps=1))
+
+
 def test_toml_file_flags_and_round_trip(tmp_path):
     file = tmp_path / "run.toml"
     file.write_text(

@@ -62,6 +62,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.out and not Path(args.out).resolve().parent.is_dir():  # refused now, not after the evaluation
         raise SystemExit(f"unidiffuser eval: --out {args.out}: its folder does not exist; create it first")
+    if args.out and Path(args.out).is_dir():
+        raise SystemExit(f"unidiffuser eval: --out {args.out} is a folder; name the Markdown file to write")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = device_option(args.device, "unidiffuser eval")

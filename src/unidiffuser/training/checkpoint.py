@@ -388,8 +388,13 @@ def pretrained_source(path: str | Path) -> PretrainedSource:
     if path.is_dir():
         return _directory_source(path)
     if path.is_file() and path.suffix == ".safetensors":
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+        except Exception as err:  # safetensors raises its own kind
+            raise ValueError(
+                f"init_from = {str(path)!r}: cannot read it ({type(err).__name__}: {err})"
+            ) from None
         config = UViTConfig.from_dict(json.loads(meta["model_config"])) if "model_config" in meta else None
         return PretrainedSource(path, f"the state dict {path.name}", path, "ours", config)
     if path.is_file() and path.suffix in PICKLE_SUFFIXES:

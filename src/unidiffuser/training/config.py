@@ -164,8 +164,7 @@ class TrainConfig:
             _fail("snr_gamma", self.snr_gamma, "must be >= 0", "use 0 (the paper) or a value such as 5")
         if not self.data:
             _fail("data", self.data, "is empty", f'use "{TOY}" or the directory of feature shards')
-        if not self.output_dir:
-            _fail("output_dir", self.output_dir, "is empty", "name the run's directory")
+        _check_output_dir(self.output_dir)
         if self.batch_size % self.grad_accum:
             _fail(
                 "batch_size",
@@ -366,8 +365,7 @@ class DecoderTrainConfig:
             _fail(
                 "captions", self.captions, "is empty", "name a captions file or a directory of feature shards"
             )
-        if not self.output_dir:
-            _fail("output_dir", self.output_dir, "is empty", "name the run's directory")
+        _check_output_dir(self.output_dir)
         for key in ("text_encoder", "init_from", "tokenizer"):
             if getattr(self, key) == "":
                 _fail(key, "", "is empty", "leave it out or name a path")
@@ -470,6 +468,13 @@ def parse_toml(text: str) -> dict[str, Any]:
 
 def _fail(key: str, value: Any, problem: str, fix: str) -> NoReturn:
     raise ValueError(f"{key} = {value!r}: {problem}; {fix}")
+
+
+def _check_output_dir(output_dir: str) -> None:
+    if not output_dir:
+        _fail("output_dir", output_dir, "is empty", "name the run's directory")
+    if Path(output_dir).exists() and not Path(output_dir).is_dir():
+        _fail("output_dir", output_dir, "is a file", "name a folder for the run (made if missing)")
 
 
 def _check_minimums(config: DataclassInstance, **extra: int) -> None:
