@@ -131,6 +131,10 @@ BAD = [
         "image file not found: 'photo_of_a_circle.png'",
     ),
     (lambda p: p.hop(" ", hops=1, steps=1), "start: an empty string"),
+    (lambda p: p.text_to_image("a", seed=True), "seed=True: expected a non-negative integer"),
+    (lambda p: p.text_to_image("a", seed=2**70), r"seed=1180591620717411303424: expected .* below 2\*\*63"),
+    (lambda p: p.text_to_image(5), "prompts: expected a string or a list of strings, got int"),
+    (lambda p: p.image(True), "num_samples=True: expected an integer >= 1"),
 ]
 
 

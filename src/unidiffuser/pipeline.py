@@ -515,7 +515,7 @@ class UniDiffuser:
         caption the scorer finds nearest each other.
         """
         best_of = self.check_best_of(best_of)
-        if not isinstance(num_samples, int) or num_samples < 1:
+        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
             raise ValueError(f"num_samples={num_samples!r}: expected an integer >= 1")
         result = self._unconditional(
             "joint", num_samples * best_of, steps, guidance_scale, seed, height, width, solver, return_latents,
@@ -547,7 +547,7 @@ class UniDiffuser:
     def _unconditional(
         self, task, num_samples, steps, guidance_scale, seed, height, width, solver, return_latents, progress
     ):
-        if not isinstance(num_samples, int) or num_samples < 1:
+        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
             raise ValueError(f"num_samples={num_samples!r}: expected an integer >= 1")
         out = generate(
             self.sampler, self.schedule, task, batch_size=num_samples, generator=_generator(seed),
@@ -764,8 +764,8 @@ def _generator(seed: int | None) -> torch.Generator:
     gen = torch.Generator()
     if seed is None:
         gen.seed()
-    elif not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed={seed!r}: expected a non-negative integer or None")
+    elif not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed={seed!r}: expected a non-negative integer below 2**63, or None")
     else:
         gen.manual_seed(seed)
     return gen
@@ -774,6 +774,8 @@ def _generator(seed: int | None) -> torch.Generator:
 def _check_prompts(prompts, name: str) -> list[str]:
     if isinstance(prompts, str):
         prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise ValueError(f"{name}: expected a string or a list of strings, got {type(prompts).__name__}")
     prompts = list(prompts)
     if not prompts:
         raise ValueError(f"{name}: expected at least one string")
