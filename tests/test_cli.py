@@ -27,9 +27,12 @@ def test_short_toy_demo_prints_every_mode(capsys):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["toy", "--seconds", "0"], "expected a number > 0, got 0"),
+        (["toy", "--seconds", "0"], "expected a finite number > 0, got 0"),
+        (["toy", "--seconds", "inf"], "expected a finite number > 0, got inf"),
+        (["toy", "--seed", str(2**64)], "expected a seed from 0 to 2**63 - 1, got 18446744073709551616"),
+        (["eval", "shapes", "--threads", "-1"], "--threads: expected an integer >= 0, got -1"),
         (["toy", "--steps", "-1"], "expected an integer >= 1, got -1"),
-        (["toy", "--guidance", "-2"], "expected a number >= 0, got -2"),
+        (["toy", "--guidance", "-2"], "expected a finite number >= 0, got -2"),
         (["fly"], "invalid choice: 'fly'"),
         # an unknown option is refused under the command's own usage, with the nearest known ones
         (["sample", "--tsk", "t2i"], "usage: unidiffuser sample"),

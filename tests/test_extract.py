@@ -434,6 +434,13 @@ def test_command_line_errors(model_dir, folder, tmp_path, capsys):
     with pytest.raises(ValueError, match="resolution=40: expected a positive multiple of 16"):
         ExtractConfig(model="m", data="d", out="o", resolution=40)
     assert not (tmp_path / "o").exists()  # nothing written on an error
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "a.png").write_bytes(b"not a picture")
+    (junk / "a.txt").write_text("a caption")
+    assert extract_main([*base, "--data", str(junk), "--resolution", "32"]) == 1
+    err = capsys.readouterr().err
+    assert "unidiffuser extract: error: every item was skipped (" in err and "unreadable_image" in err
 
 
 def test_two_processes_under_torchrun(model_dir, tars, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
+import math
 import sys
 import time
 from pathlib import Path
@@ -29,15 +30,29 @@ def positive_int(text: str) -> int:
 
 def positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
     return value
 
 
 def nonnegative_float(text: str) -> float:
     value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
+def seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"expected a seed from 0 to 2**63 - 1, got {text}")
     return value
 
 
@@ -205,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--guidance", type=nonnegative_float, default=None, help="guidance scale (default: the model's own)"
     )
     add_solver_options(demo, solver=False)
-    demo.add_argument("--seed", type=int, default=0, help="seed of all noise")
+    demo.add_argument("--seed", type=seed, default=0, help="seed of all noise")
     demo.set_defaults(func=cmd_demo)
 
     toy = sub.add_parser(
@@ -220,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument(
         "--guidance", type=nonnegative_float, default=3.0, help="guidance scale of the third column"
     )
-    toy.add_argument("--seed", type=int, default=0, help="seed of the world, training and sampling")
+    toy.add_argument("--seed", type=seed, default=0, help="seed of the world, training and sampling")
     toy.set_defaults(func=cmd_toy)
 
     info = sub.add_parser(

@@ -570,6 +570,16 @@ def cmd_extract(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"unidiffuser extract: error: {e}", file=sys.stderr)
         return 2
+    if result.world_size == 1 and not any(Path(config.out).glob("*.safetensors")):
+        from .training.sources import describe_skips
+
+        print(
+            f"unidiffuser extract: error: every item was skipped ({describe_skips(result.skipped)}), so "
+            f"{config.out} holds no shard; give a folder of images with same-named .txt captions, or "
+            "webdataset .tar shards",
+            file=sys.stderr,
+        )
+        return 1
     summary = dict(
         rank=result.rank, world_size=result.world_size, parts=result.parts,
         parts_done_before=result.parts_done_before, examples=result.examples, shards=len(result.shards),

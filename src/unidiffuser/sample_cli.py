@@ -257,7 +257,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from .cli import HelpFormatter, add_scorer_option, add_solver_options, nonnegative_float, positive_int
+    from .cli import (
+        HelpFormatter,
+        add_scorer_option,
+        add_solver_options,
+        nonnegative_float,
+        positive_int,
+        seed,
+    )
 
     fmt = HelpFormatter
     p = sub.add_parser(
@@ -292,7 +299,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "uncond",
     )  # fmt: skip
     p.add_argument("--negative-prompt", default=None, help="a prompt to steer away from (t2i)")
-    p.add_argument("--seed", type=int, default=0, help="seed of all noise")
+    p.add_argument("--seed", type=seed, default=0, help="seed of all noise")
     for side in ("height", "width"):
         p.add_argument(f"--{side}", type=positive_int, default=None,
                        help=f"image {side} in pixels (multiple of 16); left out: the model's own")  # fmt: skip

@@ -111,7 +111,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..cli import HelpFormatter, add_solver_options, nonnegative_float, positive_int
+    from ..cli import (
+        HelpFormatter,
+        add_solver_options,
+        nonnegative_float,
+        nonnegative_int,
+        positive_int,
+        seed,
+    )
 
     fmt = HelpFormatter
     r = sub.add_parser(
@@ -120,9 +127,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     r.add_argument("world", choices=WORLDS, help="the synthetic world")
     r.add_argument("--out", required=True, help="run directory; rerun with the same options to resume")
-    r.add_argument("--seed", type=int, default=0, help="seed of every stage")
+    r.add_argument("--seed", type=seed, default=0, help="seed of every stage")
     r.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    r.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    r.add_argument(
+        "--threads", type=nonnegative_int, default=0, help="torch CPU threads (0: torch's default)"
+    )
     r.add_argument(
         "--preset", choices=PRESETS, default="full",
         help="full: the shipped model's recipe (about 16.3 hours on 2 CPU cores); hour: a smaller, weaker "
@@ -172,9 +181,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="score best-of sampling: each conditional and joint sample the best of K candidates by the "
         "model's CLIP scorer (K times the work); the image and text rows stay as drawn",
     )  # fmt: skip
-    e.add_argument("--seed", type=int, default=0, help="seed of the scenes, prompts and noise")
+    e.add_argument("--seed", type=seed, default=0, help="seed of the scenes, prompts and noise")
     e.add_argument("--batch-size", type=positive_int, default=64, help="samples per pipeline call")
     e.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    e.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    e.add_argument(
+        "--threads", type=nonnegative_int, default=0, help="torch CPU threads (0: torch's default)"
+    )
     e.add_argument("--out", default=None, help="also write the table to this Markdown file")
     e.set_defaults(func=cmd_eval)
