@@ -135,6 +135,8 @@ BAD = [
     (lambda p: p.text_to_image("a", seed=2**70), r"seed=1180591620717411303424: expected .* below 2\*\*63"),
     (lambda p: p.text_to_image(5), "prompts: expected a string or a list of strings, got int"),
     (lambda p: p.image(True), "num_samples=True: expected an integer >= 1"),
+    (lambda p: p.image_to_text(Image.new("RGB", (0, 0)), steps=1), "image of 0x0 pixels: it holds no pixel"),
+    (lambda p: p.image_to_text("/", steps=1), "'/' is a folder; give an image file"),
 ]
 
 

@@ -219,6 +219,15 @@ BAD = [
         dict(task="joint", batch_size=2, sizes={"img": (7, 8)}),
         r"sizes\['img'\]=\(7, 8\): expected positive multiples of 2",
     ),
+    (
+        dict(task="joint", batch_size=2, sizes={"image": (8, 8)}),
+        r"sizes: \['image'\] name no image modality; this model's images are \['img'\]",
+    ),
+    (
+        dict(task="joint", batch_size=2, labels={"data_type": 0.5}),
+        r"labels\['data_type'\]=0.5: expected whole",
+    ),
+    (dict(task="joint", batch_size=2, guidance_scale=float("inf")), r"guidance_scale=inf"),
 ]
 
 
@@ -228,6 +237,13 @@ def test_bad_task_arguments_are_named(tiny, kwargs, message):
     task = kwargs.pop("task")
     with pytest.raises(ValueError, match=message):
         generate(tiny, SCHEDULE, task, **kwargs)
+
+
+def test_a_chain_of_unknown_task_names_is_refused(tiny):
+    with pytest.raises(ValueError, match=r"tasks: \['foo'\] are no tasks"):
+        generate_chain(
+            tiny, SCHEDULE, ["t2i", "foo"], given={"text": torch.zeros(1, 8, 8)}, labels={"data_type": 1}
+        )
 
 
 def test_bad_task_definitions():

@@ -281,6 +281,10 @@ class TaskModel:
             raise ValueError(f"batch_size={batch_size!r}: expected an integer >= 1 (or batched given values)")
         self.batch = batch_size
 
+        images = [m.name for m in cfg.diffused if m.kind == "image"]
+        stray = sorted(set(sizes or {}) - set(images))
+        if stray:
+            raise ValueError(f"sizes: {stray} name no image modality; this model's images are {images}")
         self.shapes = {m.name: _shape(m, sizes) for m in cfg.diffused}
         for n, v in given.items():
             v = torch.as_tensor(v)
@@ -310,6 +314,10 @@ class TaskModel:
             raise ValueError(
                 f"labels: this model needs {sorted(m.name for m in label_mods)}, got {sorted(labels)}"
             )
+        for m in label_mods:  # class numbers: a float such as 0.5 would be floored without a word
+            value = torch.as_tensor(labels[m.name])
+            if value.is_floating_point() or value.dtype == torch.bool:
+                raise ValueError(f"labels[{m.name!r}]={labels[m.name]!r}: expected whole class numbers")
         self.labels = {
             m.name: _batch_values(f"labels[{m.name!r}]", labels[m.name], self.batch, (), self.device).long()
             for m in label_mods
@@ -492,6 +500,9 @@ def generate_chain(
         if tasks not in CHAINS:
             raise ValueError(f"tasks={tasks!r}: expected a list of tasks or one of {sorted(CHAINS)}")
         tasks = CHAINS[tasks]
+    unknown = [t for t in tasks if isinstance(t, str) and t not in TASKS]
+    if unknown:
+        raise ValueError(f"tasks: {unknown} are no tasks; use Task objects or names of {sorted(TASKS)}")
     tasks = [TASKS[t] if isinstance(t, str) else t for t in tasks]
     if not tasks:
         raise ValueError("tasks: expected at least one task")

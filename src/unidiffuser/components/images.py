@@ -60,10 +60,14 @@ def load_image(path_or_pil: str | Path | Image.Image) -> Image.Image:
         ValueError: the path does not exist or is not a readable, complete image file.
     """
     if isinstance(path_or_pil, Image.Image):
+        if 0 in path_or_pil.size:
+            raise ValueError(f"image of {path_or_pil.width}x{path_or_pil.height} pixels: it holds no pixel")
         return _to_rgb(path_or_pil)
     if not isinstance(path_or_pil, (str, Path)):
         raise ValueError(f"path_or_pil: expected a path or a PIL image, got {type(path_or_pil).__name__}")
     path = Path(path_or_pil)
+    if path.is_dir():
+        raise ValueError(f"{str(path)!r} is a folder; give an image file")
     if not path.is_file():
         raise ValueError(f"image file not found: {str(path)!r}")
     try:
