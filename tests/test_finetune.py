@@ -465,3 +465,6 @@ def test_decoder_command_line_help_and_errors(captions_file, tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text('{"url": "x"}\n')
     with pytest.raises(ValueError, match='line 1 is no JSON object with a "caption" or "text"'):
         read_captions(tmp_path / "bad.jsonl")
+    (tmp_path / "binary.txt").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    with pytest.raises(ValueError, match=r"captions = '.*binary\.txt': not UTF-8 text"):
+        read_captions(tmp_path / "binary.txt")

@@ -95,7 +95,13 @@ def read_captions(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"captions = {str(path)!r}: no such file or directory")
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"captions = {str(path)!r}: not UTF-8 text ({err}); give a .txt or .jsonl file"
+        ) from None
+    lines = [line for line in text.splitlines() if line.strip()]
     if path.suffix == ".jsonl":
         captions = []
         for number, line in enumerate(lines, 1):
