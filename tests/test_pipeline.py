@@ -93,8 +93,9 @@ def test_image_kinds_are_accepted(pipe, tmp_path):
 
 
 def test_prompts_of_every_kind(pipe):
-    long = " ".join(["a very long prompt"] * 100)  # truncated to CLIP's 77 tokens
-    out = pipe.text_to_image(["", long, "une chatte noire, 黒い猫"], steps=2, return_latents=True)
+    long = " ".join(["a very long prompt"] * 100)  # truncated to CLIP's 77 tokens, with a warning
+    with pytest.warns(UserWarning, match=r"texts \[1\]: longer than the 77 tokens the text encoder reads"):
+        out = pipe.text_to_image(["", long, "une chatte noire, 黒い猫"], steps=2, return_latents=True)
     assert out.latents["img"].shape[0] == 3
 
 

@@ -12,6 +12,7 @@ for tests.
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -548,6 +549,17 @@ class ClipTextEncoder(_Frozen):
             truncation=True,
             return_tensors="pt",
         )
+        # one token past the limit tells a text that was cut from one that fitted
+        lengths = self.tokenizer(
+            list(texts), max_length=self.max_length + 1, truncation=True, return_length=True
+        )
+        cut = [i for i, n in enumerate(lengths["length"]) if n > self.max_length]
+        if cut:
+            warnings.warn(
+                f"texts {cut[:5]}{' ...' if len(cut) > 5 else ''}: longer than the {self.max_length} tokens "
+                f"the text encoder reads; only their first {self.max_length} tokens count",
+                stacklevel=2,
+            )
         return tokens.input_ids  # (B, max_length)
 
     def forward(self, texts: Sequence[str]) -> Tensor:
