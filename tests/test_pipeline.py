@@ -138,6 +138,7 @@ BAD = [
     (lambda p: p.image(True), "num_samples=True: expected an integer >= 1"),
     (lambda p: p.image_to_text(Image.new("RGB", (0, 0)), steps=1), "image of 0x0 pixels: it holds no pixel"),
     (lambda p: p.image_to_text("/", steps=1), "'/' is a folder; give an image file"),
+    (lambda p: p.joint(steps=2, progress=3), r"progress=3: expected a function"),
 ]
 
 

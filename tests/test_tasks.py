@@ -228,6 +228,9 @@ BAD = [
         r"labels\['data_type'\]=0.5: expected whole",
     ),
     (dict(task="joint", batch_size=2, guidance_scale=float("inf")), r"guidance_scale=inf"),
+    (dict(task="joint", batch_size=2, x_T=[[0.0]]), r"x_T: expected a tensor of shape \(2, 336\), got list"),
+    (dict(task="joint", batch_size=2, generator=0), r"generator=0: expected a torch.Generator or None"),
+    (dict(task="joint", batch_size=2, callback=3), r"callback=3: expected a function"),
 ]
 
 

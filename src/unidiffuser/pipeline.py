@@ -355,6 +355,8 @@ class UniDiffuser:
         if guidance_scale is None:
             guidance_scale = self.guidance_scale
         callback = None
+        if progress is not None and not callable(progress):
+            raise ValueError(f"progress={progress!r}: expected a function (steps done, steps in all) or None")
         if progress is not None:
             total = len(official_orders(steps)) if solver == "dpm++3s" else steps  # solver steps
             callback = lambda i, t, x: progress(i + 1, total)  # noqa: E731

@@ -248,6 +248,10 @@ class TaskModel:
     ):
         cfg = network.config
         given = dict(given or {})
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(
+                f"generator={generator!r}: expected a torch.Generator or None (a seed goes in it)"
+            )
         self.network, self.schedule, self.task, self.generator = network, schedule, task, generator
         if {g for g, _ in task.roles} != set(cfg.groups):
             raise ValueError(
@@ -466,8 +470,14 @@ def generate(
         network, schedule, task, given=given, batch_size=batch_size, labels=labels,
         guidance_scale=guidance_scale, guidance=guidance, empty=empty, sizes=sizes, generator=generator,
     )  # fmt: skip
+    if callback is not None and not callable(callback):
+        raise ValueError(f"callback={callback!r}: expected a function (step, t, state) or None")
     if x_T is None:
         x_T = fn.initial_noise()
+    elif not isinstance(x_T, Tensor):
+        raise ValueError(
+            f"x_T: expected a tensor of shape {(fn.batch, fn.layout.numel)}, got {type(x_T).__name__}"
+        )
     elif tuple(x_T.shape) != (fn.batch, fn.layout.numel):
         raise ValueError(f"x_T: expected shape {(fn.batch, fn.layout.numel)}, got {tuple(x_T.shape)}")
     x_T = x_T.to(fn.device, torch.float32)
