@@ -21,11 +21,28 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
-def positive_int(text: str) -> int:
+def _integer(text: str, low: int, high: float, expected: str) -> int:
+    """An option's integer in [low, high], or argparse's error saying what was ``expected``."""
     value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _integer(text, 1, math.inf, "an integer >= 1")
+
+
+def nonnegative_int(text: str) -> int:
+    return _integer(text, 0, math.inf, "an integer >= 0")
+
+
+def seed(text: str) -> int:
+    return _integer(text, 0, 2**63 - 1, "a seed from 0 to 2**63 - 1")
+
+
+def port_number(text: str) -> int:
+    return _integer(text, 0, 65535, "a port from 0 to 65535 (0: any free one)")
 
 
 def positive_float(text: str) -> float:
@@ -39,20 +56,6 @@ def nonnegative_float(text: str) -> float:
     value = float(text)
     if not 0 <= value < math.inf:
         raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return value
-
-
-def nonnegative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
-    return value
-
-
-def seed(text: str) -> int:
-    value = int(text)
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"expected a seed from 0 to 2**63 - 1, got {text}")
     return value
 
 

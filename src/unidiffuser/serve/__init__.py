@@ -95,22 +95,8 @@ def _interrupt(signum: int, frame) -> None:
     raise KeyboardInterrupt
 
 
-def _nonnegative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
-    return value
-
-
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535 (0: any free one), got {text}")
-    return value
-
-
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..cli import HelpFormatter, positive_int
+    from ..cli import HelpFormatter, nonnegative_int, port_number, positive_int
     from ..sample_cli import add_speed_arguments
     from .jobs import DEFAULTS, Limits  # light: no Gradio, no server
 
@@ -120,7 +106,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--model", default=None, help="model directory, or none for the shipped shapes model")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=_port, default=DEFAULT_PORT, help="port to listen on (0: any free port)")
+    p.add_argument(
+        "--port", type=port_number, default=DEFAULT_PORT, help="port to listen on (0: any free port)"
+    )
     p.add_argument(
         "--out", default=None,
         help="folder for everything the server writes, or none for a temporary one removed on exit",
@@ -143,7 +131,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "which the shipped model has)",
     )  # fmt: skip
     p.add_argument(
-        "--max-queue", type=_nonnegative_int, default=Limits.queue,
+        "--max-queue", type=nonnegative_int, default=Limits.queue,
         help="requests that may wait behind the running one; more are answered 'busy'",
     )  # fmt: skip
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
