@@ -29,9 +29,13 @@ KINDS = ("image", "vector", "sequence", "label")
 MAX_TIME = 1000.0  # the network's timestep scale; schedule.network_time maps onto it
 
 
+def _is_whole(value, minimum: int) -> bool:
+    """Whether ``value`` is an int (not a bool) of at least ``minimum``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
 def _check_whole(where: str, value, minimum: int) -> None:
-    """A ValueError unless ``value`` is an int (not a bool) of at least ``minimum``."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+    if not _is_whole(value, minimum):
         raise ValueError(f"{where}={value!r}: expected a whole number >= {minimum}")
 
 
@@ -67,7 +71,7 @@ class Modality:
                 f"modality {self.name!r}: a {self.kind} needs a shape of {expected_ndim} numbers, "
                 f"got shape={self.shape}"
             )
-        if any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in self.shape):
+        if not all(_is_whole(s, 1) for s in self.shape):
             raise ValueError(f"modality {self.name!r}: shape={self.shape}: expected whole numbers >= 1")
         _check_whole(f"modality {self.name!r}: patch_size", self.patch_size, 1)
         _check_whole(f"modality {self.name!r}: num_classes", self.num_classes, 0)

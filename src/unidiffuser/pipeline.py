@@ -517,8 +517,7 @@ class UniDiffuser:
         caption the scorer finds nearest each other.
         """
         best_of = self.check_best_of(best_of)
-        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
-            raise ValueError(f"num_samples={num_samples!r}: expected an integer >= 1")
+        _check_num_samples(num_samples)
         result = self._unconditional(
             "joint", num_samples * best_of, steps, guidance_scale, seed, height, width, solver, return_latents,
             progress,
@@ -549,8 +548,7 @@ class UniDiffuser:
     def _unconditional(
         self, task, num_samples, steps, guidance_scale, seed, height, width, solver, return_latents, progress
     ):
-        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
-            raise ValueError(f"num_samples={num_samples!r}: expected an integer >= 1")
+        _check_num_samples(num_samples)
         out = generate(
             self.sampler, self.schedule, task, batch_size=num_samples, generator=_generator(seed),
             **self._sampling_args(steps, guidance_scale, solver, progress, height, width),
@@ -806,10 +804,14 @@ def _as_list(images) -> list:
     return list(images)
 
 
-def _repeat(items: list, n: int, best_of: int = 1) -> list:
-    """Each item ``n * best_of`` times in a row (its samples, each drawn as ``best_of`` candidates)."""
+def _check_num_samples(n) -> None:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"num_samples={n!r}: expected an integer >= 1")
+
+
+def _repeat(items: list, n: int, best_of: int = 1) -> list:
+    """Each item ``n * best_of`` times in a row (its samples, each drawn as ``best_of`` candidates)."""
+    _check_num_samples(n)
     return [item for item in items for _ in range(n * best_of)]
 
 
