@@ -160,7 +160,7 @@ def test_unreadable_and_truncated_image_files(pipe, tmp_path):
             pipe.image_to_text(str(path), steps=2)
 
 
-def test_progress_reports_every_solver_step(pipe):
+def test_progress_reports_every_solver_step_in_model_evaluations(pipe):
     seen = []
     pipe.text_to_image(
         "a cat", steps=6, solver="dpm++2m", progress=lambda done, total: seen.append((done, total))
@@ -170,7 +170,7 @@ def test_progress_reports_every_solver_step(pipe):
     pipe.text_to_image(
         "a cat", steps=6, solver="dpm++3s", progress=lambda done, total: seen.append((done, total))
     )
-    assert seen == [(1, 3), (2, 3), (3, 3)]  # orders [3, 2, 1]
+    assert seen == [(3, 6), (5, 6), (6, 6)]  # orders [3, 2, 1]: evaluations done of the 6 asked for
 
 
 def test_interpolation_end_frames_reconstruct_the_inputs(pipe):

@@ -16,6 +16,7 @@ ranks candidates where a call asks for the best of several (``best_of``).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from .tasks import TASKS, TaskModel, generate, generate_chain
 
 ImageInput = Image.Image | str | Path
 DEFAULT_GUIDANCE_SCALE = 7.0  # the released model's; a model directory may name its own
-Progress = Callable[[int, int], None]  # (steps done, steps in all)
+Progress = Callable[[int, int], None]  # (steps done, steps in all), after each solver step
 
 
 @dataclass
@@ -358,8 +359,10 @@ class UniDiffuser:
         if progress is not None and not callable(progress):
             raise ValueError(f"progress={progress!r}: expected a function (steps done, steps in all) or None")
         if progress is not None:
-            total = len(official_orders(steps)) if solver == "dpm++3s" else steps  # solver steps
-            callback = lambda i, t, x: progress(i + 1, total)  # noqa: E731
+            # counted in model evaluations, as `steps` is; a step of the order-3 solver makes up to three
+            orders = official_orders(steps) if solver == "dpm++3s" else [1] * steps
+            reached = list(itertools.accumulate(orders))
+            callback = lambda i, t, x: progress(reached[i], steps)  # noqa: E731
         return dict(
             steps=steps, solver=solver, grid=self.grid, guidance_scale=guidance_scale, callback=callback,
             labels=self._labels(), sizes={"img": (h // self.downsample, w // self.downsample)},

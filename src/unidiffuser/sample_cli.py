@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import itertools
 import json
 import os
 import sys
@@ -91,7 +90,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .fast import FastNetwork
     from .pipeline import UniDiffuser
     from .shipped import shipped_model_dir
-    from .solvers import DEFAULT_SOLVER, official_orders
+    from .solvers import DEFAULT_SOLVER
 
     # What an option left out means, where its mode uses it (the pipeline's own defaults).
     left_out = {"frames": 5, "guidance_mode": "uncond", "solver": DEFAULT_SOLVER}
@@ -164,9 +163,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
     pipe.grid = args.grid
     apply_speed_arguments(pipe, args, args.steps)
 
-    # The bar counts model evaluations, as --steps does; a step of the order-3 solver makes up to three.
-    orders = official_orders(args.steps) if args.solver == "dpm++3s" else [1] * args.steps
-    evaluations = list(itertools.accumulate(orders))  # after each solver step
     # A sampling loop captured as one CUDA graph has no steps to report: no bar then; nor has
     # interpolation (a caption, an inversion and the way back), which takes no progress callback.
     loops = isinstance(pipe.sampler, FastNetwork) and pipe.sampler.captures_loops
@@ -178,8 +174,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         disable=loops or args.mode == "interp",
     )
 
-    def advance(done: int, total: int) -> None:  # done of total solver steps
-        bar.update((evaluations[done - 1] if done else 0) - bar.n)
+    def advance(done: int, total: int) -> None:
+        bar.update(done - bar.n)
 
     progress = None if loops else advance
 
